@@ -1,0 +1,29 @@
+"""Policy Split (arXiv 2604.11510) for TRL: dual-mode, entropy-regularized GRPO."""
+
+from .config import PolicySplitGRPOConfig
+from .modes import (
+    HIGH_ENTROPY_MODE,
+    HIGH_ENTROPY_SYSTEM_PROMPT,
+    LOW_ENTROPY_SYSTEM_PROMPT,
+    MODE_PROMPTS,
+    NORMAL_MODE,
+    REWRITTEN_HIGH_ENTROPY_SYSTEM_PROMPT,
+    apply_mode,
+    apply_system_prompt,
+)
+from .trainer import PolicySplitGRPOTrainer
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "HIGH_ENTROPY_MODE",
+    "HIGH_ENTROPY_SYSTEM_PROMPT",
+    "LOW_ENTROPY_SYSTEM_PROMPT",
+    "MODE_PROMPTS",
+    "NORMAL_MODE",
+    "REWRITTEN_HIGH_ENTROPY_SYSTEM_PROMPT",
+    "PolicySplitGRPOConfig",
+    "PolicySplitGRPOTrainer",
+    "apply_mode",
+    "apply_system_prompt",
+]

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .modes import HIGH_ENTROPY_SYSTEM_PROMPT
+
+ETA_PLACEMENTS = ("outside_clip", "inside_clip")
+
+
+@dataclass
+class PolicySplitGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`PolicySplitGRPOTrainer`].
+
+    [`PolicySplitGRPOConfig`] inherits every parameter of [`~trl.GRPOConfig`] and adds the parameters of Policy Split
+    ([arXiv 2604.11510](https://huggingface.co/papers/2604.11510)). Defaults are the paper's (Table 8 / SPEC §3).
+
+    Parameters:
+        high_entropy_system_prompt (`str`, *optional*, defaults to the paper's prompt, Appendix C.2):
+            System prompt `s` that turns the policy into its high-entropy (HE) mode (Eq. 1).
+        num_high_entropy_generations (`int`, *optional*):
+            How many of the `num_generations` rollouts of each query are generated in HE mode; the rest are generated
+            in normal mode. Defaults to `num_generations // 2`.
+        num_high_entropy_generations_eval (`int`, *optional*):
+            The same for evaluation. Defaults to `num_high_entropy_generations` when `num_generations_eval` is unset,
+            otherwise to `num_generations_eval // 2`.
+        eta (`float`, *optional*, defaults to `0.03`):
+            Coefficient `eta` of the HE bonus in Eq. 3.
+        kappa (`float`, *optional*, defaults to `2.0`):
+            Clip ratio `kappa > 1` of Eq. 3: the bonus is clipped to `[-|A|/kappa, |A|/kappa]` so it never flips the
+            sign of the correctness advantage `A`.
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Mix `alpha` in `[0, 1]` of the bonus (Eq. 6): `b = -alpha log pi_HE - (1 - alpha) log pi`. Toward 1 it
+            favours high entropy, toward 0 it favours the distance between the modes.
+        normal_eta (`float`, *optional*, defaults to `0.0`):
+            Coefficient `eta'` of the same clipped bonus on normal-context rows (Table 3 ablation). `0.0` trains
+            normal-context rows with the correctness-only advantage, as in the paper.
+        rollout_sharing (`bool`, *optional*, defaults to `True`):
+            Train every rollout in both contexts (Eq. 10). `False` trains each rollout only in the context that
+            generated it (Eq. 9); the bonus still uses the log-probs of both contexts.
+        eta_placement (`str`, *optional*, defaults to `"outside_clip"`):
+            Where `eta` sits in Eq. 3. `"outside_clip"` is the typeset form `A + eta * clip(B, -|A|/kappa, |A|/kappa)`.
+            `"inside_clip"` is the Cheng et al. (2025) reading `A + clip(eta * B, -|A|/kappa, |A|/kappa)`.
+    """
+
+    high_entropy_system_prompt: str = field(
+        default=HIGH_ENTROPY_SYSTEM_PROMPT,
+        metadata={"help": "System prompt s that turns the policy into its high-entropy mode (Eq. 1)."},
+    )
+    num_high_entropy_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many of the num_generations rollouts of each query are generated in high-entropy mode. "
+            "Defaults to num_generations // 2."
+        },
+    )
+    num_high_entropy_generations_eval: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many of the num_generations_eval rollouts of each query use high-entropy mode during "
+            "evaluation. Defaults to num_high_entropy_generations when num_generations_eval is unset, else "
+            "num_generations_eval // 2."
+        },
+    )
+    eta: float = field(
+        default=0.03,
+        metadata={"help": "Coefficient eta >= 0 of the high-entropy bonus (Eq. 3). Paper: 0.03."},
+    )
+    kappa: float = field(
+        default=2.0,
+        metadata={"help": "Clip ratio kappa > 1 of Eq. 3; the bonus is clipped to +/-|A|/kappa. Paper: 2.0."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Mix alpha in [0, 1] of the bonus b = -alpha log pi_HE - (1 - alpha) log pi (Eq. 6). Paper: 0.5."
+        },
+    )
+    normal_eta: float = field(
+        default=0.0,
+        metadata={"help": "Coefficient eta' of the clipped bonus on normal-context rows (Table 3 ablation). Paper: 0."},
+    )
+    rollout_sharing: bool = field(
+        default=True,
+        metadata={
+            "help": "Train every rollout in both contexts (Eq. 10). False: each rollout only in the context that "
+            "generated it (Eq. 9)."
+        },
+    )
+    eta_placement: str = field(
+        default="outside_clip",
+        metadata={
+            "help": "Where eta sits in Eq. 3: 'outside_clip' (A + eta*clip(B, +/-|A|/kappa), as typeset) or "
+            "'inside_clip' (A + clip(eta*B, +/-|A|/kappa), Cheng et al. 2025).",
+            "choices": list(ETA_PLACEMENTS),
+        },
+    )
+
+    def __post_init__(self):
+        # Our checks run before GRPOConfig's so that a bad mode split gets the Policy Split message.
+        if not isinstance(self.high_entropy_system_prompt, str) or not self.high_entropy_system_prompt.strip():
+            raise ValueError(
+                "high_entropy_system_prompt must be a non-empty string: it is what puts the model in high-entropy "
+                "mode. Leave it unset to use the paper's prompt."
+            )
+        if not self.kappa > 1:
+            raise ValueError(
+                f"kappa must be > 1 (got {self.kappa}): the bonus is clipped to |A|/kappa so that it never flips the "
+                "sign of the advantage. Use the paper's kappa=2.0."
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (got {self.alpha}); the paper uses alpha=0.5.")
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0 (got {self.eta}); the paper uses eta=0.03, eta=0 disables the bonus.")
+        if self.eta_placement not in ETA_PLACEMENTS:
+            raise ValueError(f"eta_placement must be one of {ETA_PLACEMENTS}, got {self.eta_placement!r}.")
+
+        if self.num_high_entropy_generations is None:
+            self.num_high_entropy_generations = self.num_generations // 2
+        self._check_mode_split("num_high_entropy_generations", self.num_high_entropy_generations, "num_generations",
+                               self.num_generations)
+        if self.num_high_entropy_generations_eval is None:
+            self.num_high_entropy_generations_eval = (
+                self.num_high_entropy_generations
+                if self.num_generations_eval is None
+                else self.num_generations_eval // 2
+            )
+        self._check_mode_split("num_high_entropy_generations_eval", self.num_high_entropy_generations_eval,
+                               "num_generations_eval", self.num_generations_eval or self.num_generations)
+        super().__post_init__()
+
+    @staticmethod
+    def _check_mode_split(name: str, num_high_entropy: int, group_name: str, group_size: int) -> None:
+        if group_size < 2:
+            raise ValueError(
+                f"{group_name} must be >= 2 (got {group_size}): Policy Split needs at least one normal-mode and one "
+                "high-entropy rollout per query, and two rollouts for a group std."
+            )
+        if not 1 <= num_high_entropy <= group_size - 1:
+            raise ValueError(
+                f"{name} must be between 1 and {group_name} - 1 = {group_size - 1} (got {num_high_entropy}): each "
+                "mode needs at least one rollout per query."
+            )

@@ -1,0 +1,343 @@
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, pad, use_adapter
+
+from .advantages import (
+    bonus_hit_clip,
+    dual_mode_bonus,
+    entropy_regularized_advantages,
+    forward_kl_estimate,
+    group_mean_std,
+    row_token_moments,
+    standardize_bonus,
+)
+from .config import PolicySplitGRPOConfig
+from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
+
+# Keys TRL adds for multimodal models; their rows cannot simply be duplicated into a second context.
+_MULTIMODAL_KEYS = ("pixel_values", "num_images", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
+
+NORMAL_CONTEXT, HIGH_ENTROPY_CONTEXT = 0, 1
+
+
+def context_sampling_logps(
+    sampling_logps: torch.Tensor, logps_generating: torch.Tensor, logps_context: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """
+    Sampler log-probs for a row trained in any context, carrying the generating context's sampler/trainer gap.
+
+    vLLM reports `log pi_vllm(o_t | generating context)`. A twin row trained in the other context must get the *same*
+    correction (SPEC §2.11), never a ratio between the two contexts, which would mask almost every shared row. So the
+    gap `log pi_vllm - log pi_old` measured in the generating context is added to the row's own `log pi_old`. Tokens
+    that vLLM could not score (NaN) and padding get a gap of 0, i.e. no correction and never a NaN in the loss.
+
+    Args:
+        sampling_logps (`torch.Tensor`):
+            Shape `(B, T)`: the sampler's log-probs in the generating context (may contain NaN).
+        logps_generating (`torch.Tensor`):
+            Shape `(B, T)`: trainer (old-policy) log-probs in the generating context.
+        logps_context (`torch.Tensor`):
+            Shape `(B, T)`: trainer (old-policy) log-probs in the context the row is trained in.
+        mask (`torch.Tensor`):
+            Shape `(B, T)`.
+
+    Returns:
+        `torch.Tensor`: shape `(B, T)`, finite wherever the inputs `logps_*` are.
+    """
+    gap = sampling_logps - logps_generating
+    gap = torch.where(mask.bool() & ~torch.isnan(gap), gap, torch.zeros_like(gap))
+    return logps_context + gap
+
+
+class PolicySplitGRPOTrainer(GRPOTrainer):
+    """
+    Trainer for Policy Split: dual-mode, entropy-regularized GRPO (arXiv 2604.11510).
+
+    One model, two modes: normal, and high-entropy (HE) = the same weights with a system prompt (Eq. 1). For every
+    query, [`PolicySplitGRPOConfig.num_high_entropy_generations`] of the `G` rollouts are generated with the HE prompt
+    and the rest without; rewards and the correctness advantage `A_i` (Eq. 2) come from [`~trl.GRPOTrainer`] over the
+    joint group. Every rollout is then scored in both contexts and, with rollout sharing (Eq. 10), trained twice:
+
+    - normal context (no system prompt): advantage `A_i` on every token (plus the optional `eta'` bonus);
+    - HE context (with the system prompt): `A^HE_{i,t} = A_i + eta * clip(B_{i,t}, -|A_i|/kappa, |A_i|/kappa)`
+      (Eq. 3), where `B` is the group-normalized (Eq. 4) bonus `b = -alpha log pi_HE - (1 - alpha) log pi` (Eq. 6).
+
+    Without sharing (Eq. 9) each rollout is trained only in the context that generated it. Everything else —
+    generation (transformers or vLLM), rewards, the clipped surrogate of every `loss_type`, KL to a reference,
+    PEFT, distributed training — is TRL's own. Only three things are added to TRL's generation step: the HE prompt
+    on the HE rollouts, one scoring pass for the other context, and the rows/advantages built from it.
+
+    Args:
+        model, reward_funcs, **kwargs:
+            As for [`~trl.GRPOTrainer`].
+        args ([`PolicySplitGRPOConfig`], *optional*):
+            Configuration. Defaults to `PolicySplitGRPOConfig("<model>-PolicySplit")`.
+    """
+
+    _tag_names = ["trl", "grpo", "policy-split"]
+    _name = "Policy Split"
+    _paper = {
+        "title": "Policy Split: Incentivizing Dual-Mode Exploration in LLM Reinforcement with Dual-Mode Entropy "
+        "Regularization",
+        "id": "2604.11510",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @misc{policysplit2026,
+                title        = {{Policy Split: Incentivizing Dual-Mode Exploration in LLM Reinforcement with Dual-Mode Entropy Regularization}},
+                year         = 2026,
+                eprint       = {arXiv:2604.11510},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: PolicySplitGRPOConfig | None = None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = PolicySplitGRPOConfig(f"{model_name.split('/')[-1]}-PolicySplit")
+        elif not isinstance(args, PolicySplitGRPOConfig):
+            raise TypeError(
+                f"args must be a PolicySplitGRPOConfig, got {type(args).__name__}. Build it with the same arguments: "
+                "PolicySplitGRPOConfig(**grpo_config.to_dict()) keeps every GRPO setting."
+            )
+        for unsupported in ("rollout_func", "environment_factory"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(
+                    f"PolicySplitGRPOTrainer does not support `{unsupported}` yet: it must re-score each rollout under "
+                    "the other mode's prompt, which a custom rollout or environment may have rewritten."
+                )
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        self._policy_split_rewards: torch.Tensor | None = None
+        self._policy_split_lengths: list[int] | None = None
+        self._policy_split_entropies: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ small hooks into TRL
+    def _mode_split(self, mode: str) -> tuple[int, int]:
+        """`(G, number of HE rollouts per group)` for `"train"` or `"eval"`."""
+        if mode == "train":
+            return self.num_generations, self.args.num_high_entropy_generations
+        return self.num_generations_eval, self.args.num_high_entropy_generations_eval
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        # vLLM server mode generates `n` samples from every `n`-th prompt, assuming a group shares one prompt. Ours
+        # holds two runs of identical prompts (normal, then HE); a gcd-sized `n` keeps each run's own prompt.
+        if self.use_vllm and self.vllm_mode == "server":
+            group_size, num_he = self._mode_split("train" if self.model.training else "eval")
+            if num_generations == group_size:
+                num_generations = math.gcd(group_size - num_he, num_he)
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Kept for the per-mode metrics; TRL does not return them from `_generate_and_score_completions`.
+        self._policy_split_rewards = rewards_per_func
+        self._policy_split_lengths = [len(ids) for ids in completion_ids_list]
+        return rewards_per_func
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        # The loss pass computes per-token entropies; kept so `_compute_loss` can log them per context.
+        self._policy_split_entropies = None if entropies is None else entropies.detach()
+        return logps, entropies, aux_loss
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        context, entropies = inputs.get("policy_split_context"), self._policy_split_entropies
+        if context is not None and entropies is not None:
+            mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+            mode = "train" if self.model.training else "eval"
+            sums = []
+            for ctx in (NORMAL_CONTEXT, HIGH_ENTROPY_CONTEXT):
+                ctx_mask = mask * (context == ctx).unsqueeze(1)
+                sums += [(entropies * ctx_mask).sum(), ctx_mask.sum()]
+            totals = self.accelerator.reduce(torch.stack(sums).float(), reduction="sum").tolist()
+            for name, (total, count) in zip(("normal_context", "high_entropy_context"), (totals[:2], totals[2:])):
+                if count > 0:
+                    self._metrics[mode][f"policy_split/entropy/{name}"].append(total / count)
+        return loss
+
+    # ------------------------------------------------------------------ scoring helpers
+    def _left_pad_prompts(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        ids = [torch.tensor(p, dtype=torch.long) for p in prompt_ids]
+        padded = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+                     pad_to_multiple_of=self.pad_to_multiple_of)
+        mask = pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left",
+                   pad_to_multiple_of=self.pad_to_multiple_of)
+        return padded.to(device), mask.to(device)
+
+    def _score(
+        self, prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+        batch_size: int, reference: bool = False,
+    ) -> torch.Tensor:
+        """Per-token log-probs of `completion_ids` after `prompt_ids`, by the policy or the reference model."""
+        prompt_tensor, prompt_mask = self._left_pad_prompts(prompt_ids)
+        input_ids = torch.cat([prompt_tensor, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        if not reference:
+            return self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
+        if self.ref_model is not None:
+            return self._get_per_token_logps_and_entropies(
+                self.ref_model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
+        # PEFT: the reference is the adapter-disabled model (or the "ref" adapter), exactly as in TRL.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+            return self._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
+
+    # ------------------------------------------------------------------ the Policy Split generation step
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        group_size, num_he = self._mode_split(mode)
+        num_rows = len(inputs)
+        process_index = self.accelerator.process_index
+
+        # Mode of each rollout, from its global index so a group split across processes is split exactly.
+        global_index = process_index * num_rows + torch.arange(num_rows, device=device)
+        is_he = high_entropy_rows(global_index, group_size, num_he)
+        he_flags = is_he.tolist()
+        normal_prompts = [x["prompt"] for x in inputs]
+        he_prompts = [apply_system_prompt(p, self.args.high_entropy_system_prompt) for p in normal_prompts]
+        # `policy_split_mode` reaches the reward functions as a keyword, like any dataset column.
+        mode_inputs = [
+            {**x, "prompt": he if flag else x["prompt"], "policy_split_mode": HIGH_ENTROPY_MODE if flag else NORMAL_MODE}
+            for x, he, flag in zip(inputs, he_prompts, he_flags, strict=True)
+        ]
+        output = super()._generate_and_score_completions(mode_inputs)
+        if any(key in output for key in _MULTIMODAL_KEYS):
+            raise NotImplementedError("PolicySplitGRPOTrainer supports text-only models for now.")
+
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        loss_mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        gen_prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"], strict=True)]
+        twin_prompts = [p if flag else he for p, he, flag in zip(normal_prompts, he_prompts, he_flags, strict=True)]
+        twin_prompt_ids = self._tokenize_prompts(twin_prompts)[0]
+
+        # Log-probs of both contexts under the policy that generated the rollouts. TRL's `old_per_token_logps`
+        # already covers the generating context when it exists; otherwise both contexts go through one pass.
+        old_gen = output.get("old_per_token_logps")
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if old_gen is None:
+                logps = self._score(gen_prompt_ids + twin_prompt_ids, completion_ids.repeat(2, 1),
+                                    completion_mask.repeat(2, 1), batch_size)
+                logps_gen, logps_twin = logps.chunk(2)
+            else:
+                logps_gen = old_gen
+                logps_twin = self._score(twin_prompt_ids, completion_ids, completion_mask, batch_size)
+            ref_twin = (
+                self._score(twin_prompt_ids, completion_ids, completion_mask, batch_size, reference=True)
+                if self.beta != 0.0 else None
+            )
+
+        he_col = is_he.unsqueeze(1)
+        logps_he = torch.where(he_col, logps_gen, logps_twin)
+        logps_normal = torch.where(he_col, logps_twin, logps_gen)
+
+        # Eq. 6 -> Eq. 4 (exact group statistics from gathered per-row moments) -> Eq. 3.
+        bonus = dual_mode_bonus(logps_he, logps_normal, self.args.alpha)
+        mean, std = group_mean_std(self.accelerator.gather(row_token_moments(bonus, loss_mask)), group_size)
+        local = slice(process_index * num_rows, (process_index + 1) * num_rows)
+        normalized = standardize_bonus(bonus, loss_mask, mean[local], std[local])
+        advantages = output["advantages"]
+        args = self.args
+        adv_he = entropy_regularized_advantages(advantages, normalized, args.eta, args.kappa, args.eta_placement)
+        adv_normal = entropy_regularized_advantages(
+            advantages, normalized, args.normal_eta, args.kappa, args.eta_placement
+        )
+
+        sampling = output.get("sampling_per_token_logps")
+        if args.rollout_sharing:
+            # Rows [0, B): every rollout in the normal context; rows [B, 2B): every rollout in the HE context.
+            normal_ctx_prompts = [t if f else g for g, t, f in zip(gen_prompt_ids, twin_prompt_ids, he_flags, strict=True)]
+            he_ctx_prompts = [g if f else t for g, t, f in zip(gen_prompt_ids, twin_prompt_ids, he_flags, strict=True)]
+            output["prompt_ids"], output["prompt_mask"] = self._left_pad_prompts(normal_ctx_prompts + he_ctx_prompts)
+            for key in ("completion_ids", "completion_mask", "tool_mask", "importance_sampling_ratio"):
+                if key in output:  # the IS ratio is the generating context's, reused by the twin row
+                    output[key] = output[key].repeat(2, 1)
+            output["advantages"] = torch.cat([adv_normal, adv_he])
+            # Both contexts' tokens count, so `dapo`/`cispo` stay a token mean over every (row, token) pair.
+            output["num_items_in_batch"] = output["num_items_in_batch"] * 2
+            if old_gen is not None:
+                output["old_per_token_logps"] = torch.cat([logps_normal, logps_he])
+            if ref_twin is not None:
+                ref_gen = output["ref_per_token_logps"]
+                output["ref_per_token_logps"] = torch.cat(
+                    [torch.where(he_col, ref_twin, ref_gen), torch.where(he_col, ref_gen, ref_twin)]
+                )
+            if sampling is not None:
+                output["sampling_per_token_logps"] = torch.cat([
+                    context_sampling_logps(sampling, logps_gen, logps_normal, loss_mask),
+                    context_sampling_logps(sampling, logps_gen, logps_he, loss_mask),
+                ])
+            output["policy_split_context"] = torch.cat([
+                torch.full((num_rows,), NORMAL_CONTEXT, device=device),
+                torch.full((num_rows,), HIGH_ENTROPY_CONTEXT, device=device),
+            ])
+            he_context_rows = torch.ones_like(is_he)
+        else:
+            output["advantages"] = torch.where(he_col, adv_he, adv_normal)
+            if sampling is not None:
+                output["sampling_per_token_logps"] = context_sampling_logps(sampling, logps_gen, logps_gen, loss_mask)
+            output["policy_split_context"] = is_he.long()
+            he_context_rows = is_he
+
+        self._log_policy_split_metrics(
+            mode, is_he, logps_he, logps_normal, loss_mask, advantages, normalized, adv_he, he_context_rows
+        )
+        return output
+
+    # ------------------------------------------------------------------ metrics
+    def _log_policy_split_metrics(
+        self, mode: str, is_he: torch.Tensor, logps_he: torch.Tensor, logps_normal: torch.Tensor,
+        loss_mask: torch.Tensor, advantages: torch.Tensor, normalized: torch.Tensor, adv_he: torch.Tensor,
+        he_context_rows: torch.Tensor,
+    ) -> None:
+        metrics = self._metrics[mode]
+        args = self.args
+        device = self.accelerator.device
+        all_is_he = self.accelerator.gather(is_he.long()).bool()
+
+        rewards_per_func = self._policy_split_rewards
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        lengths = self.accelerator.gather(torch.tensor(self._policy_split_lengths, device=device, dtype=torch.float))
+        for name, rows in ((NORMAL_MODE, ~all_is_he), (HIGH_ENTROPY_MODE, all_is_he)):
+            metrics[f"policy_split/{name}/reward"].append(torch.nanmean(rewards[rows]).item())
+            for i, func_name in enumerate(self.reward_func_names):
+                metrics[f"policy_split/{name}/rewards/{func_name}/mean"].append(
+                    torch.nanmean(rewards_per_func[rows, i]).item()
+                )
+            metrics[f"policy_split/{name}/completion_length"].append(lengths[rows].mean().item())
+
+        # KL(pi_HE || pi) on HE-generated tokens (Table 5) and KL(pi || pi_HE) on normal-generated tokens.
+        he_mask = loss_mask * is_he.unsqueeze(1)
+        normal_mask = loss_mask * (~is_he).unsqueeze(1)
+        kl_he = forward_kl_estimate(logps_he, logps_normal, he_mask)
+        kl_normal = forward_kl_estimate(logps_normal, logps_he, normal_mask)
+        # Bonus statistics over the tokens trained in the HE context.
+        bonus_mask = (loss_mask * he_context_rows.unsqueeze(1)).bool()
+        bonus_abs = torch.where(bonus_mask, (adv_he - advantages.unsqueeze(1)).abs(), 0.0).sum()
+        clipped = bonus_hit_clip(advantages, normalized, args.eta, args.kappa, args.eta_placement) & bonus_mask
+        local = torch.stack([
+            *kl_he, *kl_normal,
+            bonus_abs.double(), bonus_mask.sum().double(), clipped.sum().double(),
+        ])
+        totals = self.accelerator.reduce(local, reduction="sum").tolist()
+        (kl_he_sum, kl_he_n, kl_n_sum, kl_n_n, abs_sum, bonus_n, clipped_n) = totals
+        if kl_he_n > 0:
+            metrics["policy_split/kl_high_entropy_normal"].append(kl_he_sum / kl_he_n)
+        if kl_n_n > 0:
+            metrics["policy_split/kl_normal_high_entropy"].append(kl_n_sum / kl_n_n)
+        if bonus_n > 0:
+            metrics["policy_split/bonus/abs_mean"].append(abs_sum / bonus_n)
+            metrics["policy_split/bonus/clip_fraction"].append(clipped_n / bonus_n)
