@@ -192,6 +192,14 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             return self._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
 
+    def _normalize_bonus(self, bonus: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+        """Eq. 4 with the exact group statistic when a group's rollouts are spread over several processes."""
+        # Gathering (count, mean, M2) per row instead of raw (B, T) tensors: exact, and independent of padding width.
+        mean, std = group_mean_std(self.accelerator.gather(row_token_moments(bonus, mask)), group_size)
+        start = self.accelerator.process_index * bonus.size(0)
+        local = slice(start, start + bonus.size(0))
+        return standardize_bonus(bonus, mask, mean[local], std[local])
+
     # ------------------------------------------------------------------ the Policy Split generation step
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor | Any]:
         mode = "train" if self.model.training else "eval"
@@ -244,9 +252,7 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
 
         # Eq. 6 -> Eq. 4 (exact group statistics from gathered per-row moments) -> Eq. 3.
         bonus = dual_mode_bonus(logps_he, logps_normal, self.args.alpha)
-        mean, std = group_mean_std(self.accelerator.gather(row_token_moments(bonus, loss_mask)), group_size)
-        local = slice(process_index * num_rows, (process_index + 1) * num_rows)
-        normalized = standardize_bonus(bonus, loss_mask, mean[local], std[local])
+        normalized = self._normalize_bonus(bonus, loss_mask, group_size)
         advantages = output["advantages"]
         args = self.args
         adv_he = entropy_regularized_advantages(advantages, normalized, args.eta, args.kappa, args.eta_placement)

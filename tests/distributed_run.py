@@ -1,0 +1,95 @@
+"""Run by tests/test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo)."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_model import arithmetic_dataset, build_model, build_tokenizer, length_reward  # noqa: E402
+
+from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer  # noqa: E402
+from policy_split_trl.advantages import normalize_bonus  # noqa: E402
+
+G = 4
+
+
+def main(result_path: str) -> None:
+    tokenizer = build_tokenizer()
+    modes_seen = []
+
+    def recording_reward(completions, policy_split_mode, **kwargs):
+        modes_seen.append(list(policy_split_mode))
+        return length_reward(completions)
+
+    args = PolicySplitGRPOConfig(
+        output_dir=os.path.join(os.path.dirname(result_path), "out"),
+        per_device_train_batch_size=2,  # global batch 4 = one group of G = 4, split across the two ranks
+        num_generations=G,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = PolicySplitGRPOTrainer(
+        model=build_model(tokenizer),
+        reward_funcs=[recording_reward],
+        args=args,
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+    )
+    world_size = dist.get_world_size()
+    assert world_size == 2, f"expected 2 processes, got {world_size}"
+    assert trainer.accelerator.num_processes == 2
+
+    outputs = []
+    original = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        out = original(inputs)
+        outputs.append({k: v.detach().clone() for k, v in out.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    trainer._generate_and_score_completions = spy
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    weights_changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+    # Eq. 4 through the trainer's own distributed path, with the one group split across the ranks, against the
+    # single-process function applied to the gathered raw tokens.
+    rank = trainer.accelerator.process_index
+    generator = torch.Generator().manual_seed(100 + rank)
+    bonus = torch.randn(2, 6, generator=generator) * (rank + 1) + rank
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 4 - rank :] = 0  # different lengths on each rank
+    local = trainer._normalize_bonus(bonus, mask, G)
+    gathered_local = trainer.accelerator.gather(local)
+    reference = normalize_bonus(trainer.accelerator.gather(bonus), trainer.accelerator.gather(mask), G)
+    eq4_max_diff = (gathered_local - reference).abs().max().item()
+
+    invariant_ok = True
+    for out in outputs:
+        b = out["prompt_ids"].size(0) // 2
+        m = out["completion_mask"][b:].bool()
+        a = out["advantages"][:b, 0]
+        invariant_ok &= bool(((out["advantages"][b:] - a[:, None]).abs() <= args.eta * a.abs()[:, None] / 2 + 1e-6)[m].all())
+        invariant_ok &= out["num_items_in_batch"].item() == trainer.accelerator.gather(out["completion_mask"].sum()).sum().item() // 1
+
+    per_rank = [None, None]
+    dist.all_gather_object(per_rank, {"rank": rank, "modes": modes_seen, "rows": [o["prompt_ids"].size(0) for o in outputs],
+                                      "weights_changed": weights_changed, "invariant_ok": invariant_ok})
+    if rank == 0:
+        logs = [h for h in trainer.state.log_history if "policy_split/bonus/abs_mean" in h]
+        with open(result_path, "w") as f:
+            json.dump({"world_size": world_size, "eq4_max_diff": eq4_max_diff, "per_rank": per_rank,
+                       "global_step": trainer.state.global_step, "logs": logs}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

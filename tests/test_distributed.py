@@ -1,0 +1,39 @@
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "accelerate")), reason="accelerate CLI not installed")
+def test_two_processes_on_cpu(tmp_path):
+    result = tmp_path / "result.json"
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [
+        accelerate if os.path.exists(accelerate) else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        os.path.join(HERE, "distributed_run.py"), str(result),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    data = json.loads(result.read_text())
+    assert data["world_size"] == 2
+    assert data["global_step"] == 3
+    assert data["eq4_max_diff"] < 1e-6
+    rank0, rank1 = data["per_rank"]
+    # The one group of 4 is split across ranks: by global index, rank 0 holds the normal rollouts, rank 1 the HE ones.
+    assert rank0["modes"] == [["normal", "normal"]] * 3
+    assert rank1["modes"] == [["high_entropy", "high_entropy"]] * 3
+    assert rank0["rows"] == rank1["rows"] == [4, 4, 4]  # 2 rollouts x 2 contexts per rank
+    assert rank0["weights_changed"] and rank1["weights_changed"]
+    assert rank0["invariant_ok"] and rank1["invariant_ok"]
+    for log in data["logs"]:
+        assert math.isfinite(log["policy_split/kl_high_entropy_normal"])
+        assert math.isfinite(log["policy_split/entropy/high_entropy_context"])
