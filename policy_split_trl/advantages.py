@@ -272,9 +272,9 @@ def bonus_hit_clip(
     return (raw.abs() > bound) & (bound > 0)
 
 
-def forward_kl_estimate(logps_sampled_mode: torch.Tensor, logps_other_mode: torch.Tensor, mask: torch.Tensor) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def forward_kl_estimate(
+    logps_sampled_mode: torch.Tensor, logps_other_mode: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Sums for the Monte-Carlo estimate of `KL(p || q)` from tokens sampled from `p` (Table 5 uses `p = pi_HE`).
 

@@ -80,7 +80,9 @@ class PolicySplitGRPOConfig(GRPOConfig):
     )
     normal_eta: float = field(
         default=0.0,
-        metadata={"help": "Coefficient eta' of the clipped bonus on normal-context rows (Table 3 ablation). Paper: 0."},
+        metadata={
+            "help": "Coefficient eta' of the clipped bonus on normal-context rows (Table 3 ablation). Paper: 0."
+        },
     )
     rollout_sharing: bool = field(
         default=True,
@@ -119,16 +121,21 @@ class PolicySplitGRPOConfig(GRPOConfig):
 
         if self.num_high_entropy_generations is None:
             self.num_high_entropy_generations = self.num_generations // 2
-        self._check_mode_split("num_high_entropy_generations", self.num_high_entropy_generations, "num_generations",
-                               self.num_generations)
+        self._check_mode_split(
+            "num_high_entropy_generations", self.num_high_entropy_generations, "num_generations", self.num_generations
+        )
         if self.num_high_entropy_generations_eval is None:
             self.num_high_entropy_generations_eval = (
                 self.num_high_entropy_generations
                 if self.num_generations_eval is None
                 else self.num_generations_eval // 2
             )
-        self._check_mode_split("num_high_entropy_generations_eval", self.num_high_entropy_generations_eval,
-                               "num_generations_eval", self.num_generations_eval or self.num_generations)
+        self._check_mode_split(
+            "num_high_entropy_generations_eval",
+            self.num_high_entropy_generations_eval,
+            "num_generations_eval",
+            self.num_generations_eval or self.num_generations,
+        )
         super().__post_init__()
 
     @staticmethod

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from trl import GRPOTrainer
@@ -81,9 +81,9 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             Configuration. Defaults to `PolicySplitGRPOConfig("<model>-PolicySplit")`.
     """
 
-    _tag_names = ["trl", "grpo", "policy-split"]
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "policy-split"]
     _name = "Policy Split"
-    _paper = {
+    _paper: ClassVar[dict[str, str]] = {
         "title": "Policy Split: Incentivizing Dual-Mode Exploration in LLM Reinforcement with Dual-Mode Entropy "
         "Regularization",
         "id": "2604.11510",
@@ -149,7 +149,11 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         loss = super()._compute_loss(model, inputs)
         context, entropies = inputs.get("policy_split_context"), self._policy_split_entropies
         if context is not None and entropies is not None:
-            mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+            mask = (
+                inputs["completion_mask"]
+                if "tool_mask" not in inputs
+                else inputs["completion_mask"] * inputs["tool_mask"]
+            )
             mode = "train" if self.model.training else "eval"
             sums = []
             for ctx in (NORMAL_CONTEXT, HIGH_ENTROPY_CONTEXT):
@@ -165,15 +169,27 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
     def _left_pad_prompts(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
         ids = [torch.tensor(p, dtype=torch.long) for p in prompt_ids]
-        padded = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
-                     pad_to_multiple_of=self.pad_to_multiple_of)
-        mask = pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left",
-                   pad_to_multiple_of=self.pad_to_multiple_of)
+        padded = pad(
+            ids,
+            padding_value=self._tokenizer.pad_token_id,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        mask = pad(
+            [torch.ones_like(t) for t in ids],
+            padding_value=0,
+            padding_side="left",
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
         return padded.to(device), mask.to(device)
 
     def _score(
-        self, prompt_ids: list[list[int]], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-        batch_size: int, reference: bool = False,
+        self,
+        prompt_ids: list[list[int]],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        batch_size: int,
+        reference: bool = False,
     ) -> torch.Tensor:
         """Per-token log-probs of `completion_ids` after `prompt_ids`, by the policy or the reference model."""
         prompt_tensor, prompt_mask = self._left_pad_prompts(prompt_ids)
@@ -182,15 +198,18 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         logits_to_keep = completion_ids.size(1)
         if not reference:
             return self._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
+            )[0]
         if self.ref_model is not None:
             return self._get_per_token_logps_and_entropies(
-                self.ref_model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
+                self.ref_model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
+            )[0]
         # PEFT: the reference is the adapter-disabled model (or the "ref" adapter), exactly as in TRL.
         unwrapped = self.accelerator.unwrap_model(self.model)
         with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
             return self._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
+            )[0]
 
     def _normalize_bonus(self, bonus: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
         """Eq. 4 with the exact group statistic when a group's rollouts are spread over several processes."""
@@ -216,7 +235,11 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         he_prompts = [apply_system_prompt(p, self.args.high_entropy_system_prompt) for p in normal_prompts]
         # `policy_split_mode` reaches the reward functions as a keyword, like any dataset column.
         mode_inputs = [
-            {**x, "prompt": he if flag else x["prompt"], "policy_split_mode": HIGH_ENTROPY_MODE if flag else NORMAL_MODE}
+            {
+                **x,
+                "prompt": he if flag else x["prompt"],
+                "policy_split_mode": HIGH_ENTROPY_MODE if flag else NORMAL_MODE,
+            }
             for x, he, flag in zip(inputs, he_prompts, he_flags, strict=True)
         ]
         output = super()._generate_and_score_completions(mode_inputs)
@@ -226,7 +249,9 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         loss_mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-        gen_prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"], strict=True)]
+        gen_prompt_ids = [
+            ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"], strict=True)
+        ]
         twin_prompts = [p if flag else he for p, he, flag in zip(normal_prompts, he_prompts, he_flags, strict=True)]
         twin_prompt_ids = self._tokenize_prompts(twin_prompts)[0]
 
@@ -235,15 +260,20 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         old_gen = output.get("old_per_token_logps")
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if old_gen is None:
-                logps = self._score(gen_prompt_ids + twin_prompt_ids, completion_ids.repeat(2, 1),
-                                    completion_mask.repeat(2, 1), batch_size)
+                logps = self._score(
+                    gen_prompt_ids + twin_prompt_ids,
+                    completion_ids.repeat(2, 1),
+                    completion_mask.repeat(2, 1),
+                    batch_size,
+                )
                 logps_gen, logps_twin = logps.chunk(2)
             else:
                 logps_gen = old_gen
                 logps_twin = self._score(twin_prompt_ids, completion_ids, completion_mask, batch_size)
             ref_twin = (
                 self._score(twin_prompt_ids, completion_ids, completion_mask, batch_size, reference=True)
-                if self.beta != 0.0 else None
+                if self.beta != 0.0
+                else None
             )
 
         he_col = is_he.unsqueeze(1)
@@ -263,7 +293,9 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         sampling = output.get("sampling_per_token_logps")
         if args.rollout_sharing:
             # Rows [0, B): every rollout in the normal context; rows [B, 2B): every rollout in the HE context.
-            normal_ctx_prompts = [t if f else g for g, t, f in zip(gen_prompt_ids, twin_prompt_ids, he_flags, strict=True)]
+            normal_ctx_prompts = [
+                t if f else g for g, t, f in zip(gen_prompt_ids, twin_prompt_ids, he_flags, strict=True)
+            ]
             he_ctx_prompts = [g if f else t for g, t, f in zip(gen_prompt_ids, twin_prompt_ids, he_flags, strict=True)]
             output["prompt_ids"], output["prompt_mask"] = self._left_pad_prompts(normal_ctx_prompts + he_ctx_prompts)
             for key in ("completion_ids", "completion_mask", "tool_mask", "importance_sampling_ratio"):
@@ -280,14 +312,18 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
                     [torch.where(he_col, ref_twin, ref_gen), torch.where(he_col, ref_gen, ref_twin)]
                 )
             if sampling is not None:
-                output["sampling_per_token_logps"] = torch.cat([
-                    context_sampling_logps(sampling, logps_gen, logps_normal, loss_mask),
-                    context_sampling_logps(sampling, logps_gen, logps_he, loss_mask),
-                ])
-            output["policy_split_context"] = torch.cat([
-                torch.full((num_rows,), NORMAL_CONTEXT, device=device),
-                torch.full((num_rows,), HIGH_ENTROPY_CONTEXT, device=device),
-            ])
+                output["sampling_per_token_logps"] = torch.cat(
+                    [
+                        context_sampling_logps(sampling, logps_gen, logps_normal, loss_mask),
+                        context_sampling_logps(sampling, logps_gen, logps_he, loss_mask),
+                    ]
+                )
+            output["policy_split_context"] = torch.cat(
+                [
+                    torch.full((num_rows,), NORMAL_CONTEXT, device=device),
+                    torch.full((num_rows,), HIGH_ENTROPY_CONTEXT, device=device),
+                ]
+            )
             he_context_rows = torch.ones_like(is_he)
         else:
             output["advantages"] = torch.where(he_col, adv_he, adv_normal)
@@ -303,8 +339,15 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ metrics
     def _log_policy_split_metrics(
-        self, mode: str, is_he: torch.Tensor, logps_he: torch.Tensor, logps_normal: torch.Tensor,
-        loss_mask: torch.Tensor, advantages: torch.Tensor, normalized: torch.Tensor, adv_he: torch.Tensor,
+        self,
+        mode: str,
+        is_he: torch.Tensor,
+        logps_he: torch.Tensor,
+        logps_normal: torch.Tensor,
+        loss_mask: torch.Tensor,
+        advantages: torch.Tensor,
+        normalized: torch.Tensor,
+        adv_he: torch.Tensor,
         he_context_rows: torch.Tensor,
     ) -> None:
         metrics = self._metrics[mode]
@@ -334,10 +377,15 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         bonus_mask = (loss_mask * he_context_rows.unsqueeze(1)).bool()
         bonus_abs = torch.where(bonus_mask, (adv_he - advantages.unsqueeze(1)).abs(), 0.0).sum()
         clipped = bonus_hit_clip(advantages, normalized, args.eta, args.kappa, args.eta_placement) & bonus_mask
-        local = torch.stack([
-            *kl_he, *kl_normal,
-            bonus_abs.double(), bonus_mask.sum().double(), clipped.sum().double(),
-        ])
+        local = torch.stack(
+            [
+                *kl_he,
+                *kl_normal,
+                bonus_abs.double(),
+                bonus_mask.sum().double(),
+                clipped.sum().double(),
+            ]
+        )
         totals = self.accelerator.reduce(local, reduction="sum").tolist()
         (kl_he_sum, kl_he_n, kl_n_sum, kl_n_n, abs_sum, bonus_n, clipped_n) = totals
         if kl_he_n > 0:

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny_model import build_model, build_tokenizer  # noqa: E402
+from tiny_model import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="session")

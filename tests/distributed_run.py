@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_model import arithmetic_dataset, build_model, build_tokenizer, length_reward  # noqa: E402
+from tiny_model import arithmetic_dataset, build_model, build_tokenizer, length_reward
 
-from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer  # noqa: E402
-from policy_split_trl.advantages import normalize_bonus  # noqa: E402
+from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer
+from policy_split_trl.advantages import normalize_bonus
 
 G = 4
 
@@ -78,18 +78,42 @@ def main(result_path: str) -> None:
         b = out["prompt_ids"].size(0) // 2
         m = out["completion_mask"][b:].bool()
         a = out["advantages"][:b, 0]
-        invariant_ok &= bool(((out["advantages"][b:] - a[:, None]).abs() <= args.eta * a.abs()[:, None] / 2 + 1e-6)[m].all())
-        invariant_ok &= out["num_items_in_batch"].item() == trainer.accelerator.gather(out["completion_mask"].sum()).sum().item() // 1
+        invariant_ok &= bool(
+            ((out["advantages"][b:] - a[:, None]).abs() <= args.eta * a.abs()[:, None] / 2 + 1e-6)[m].all()
+        )
+        invariant_ok &= (
+            out["num_items_in_batch"].item()
+            == trainer.accelerator.gather(out["completion_mask"].sum()).sum().item() // 1
+        )
 
     per_rank = [None, None]
-    dist.all_gather_object(per_rank, {"rank": rank, "modes": modes_seen, "rows": [o["prompt_ids"].size(0) for o in outputs],
-                                      "weights_changed": weights_changed, "invariant_ok": invariant_ok})
+    dist.all_gather_object(
+        per_rank,
+        {
+            "rank": rank,
+            "modes": modes_seen,
+            "rows": [o["prompt_ids"].size(0) for o in outputs],
+            "weights_changed": weights_changed,
+            "invariant_ok": invariant_ok,
+        },
+    )
     if rank == 0:
         logs = [h for h in trainer.state.log_history if "policy_split/bonus/abs_mean" in h]
         with open(result_path, "w") as f:
-            json.dump({"world_size": world_size, "eq4_max_diff": eq4_max_diff, "per_rank": per_rank,
-                       "global_step": trainer.state.global_step, "logs": logs}, f)
+            json.dump(
+                {
+                    "world_size": world_size,
+                    "eq4_max_diff": eq4_max_diff,
+                    "per_rank": per_rank,
+                    "global_step": trainer.state.global_step,
+                    "logs": logs,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # A clean shutdown: a rank leaving while the other still talks to it makes gloo abort the run.
+    dist.barrier()
+    dist.destroy_process_group()

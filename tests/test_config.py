@@ -7,7 +7,12 @@ from policy_split_trl import HIGH_ENTROPY_SYSTEM_PROMPT, PolicySplitGRPOConfig
 
 
 def make(**kwargs):
-    base = dict(output_dir="/tmp/ps-config-test", report_to="none", use_cpu=True, per_device_train_batch_size=8)
+    base = {
+        "output_dir": "/tmp/ps-config-test",
+        "report_to": "none",
+        "use_cpu": True,
+        "per_device_train_batch_size": 8,
+    }
     base.update(kwargs)
     return PolicySplitGRPOConfig(**base)
 
@@ -32,20 +37,26 @@ def test_eval_split_defaults():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(kappa=1.0), "kappa must be > 1"),
-        (dict(kappa=0.5), "kappa must be > 1"),
-        (dict(alpha=-0.1), r"alpha must be in \[0, 1\]"),
-        (dict(alpha=1.5), r"alpha must be in \[0, 1\]"),
-        (dict(eta=-0.01), "eta must be >= 0"),
-        (dict(high_entropy_system_prompt=""), "high_entropy_system_prompt must be a non-empty string"),
-        (dict(high_entropy_system_prompt="   \n"), "high_entropy_system_prompt must be a non-empty string"),
-        (dict(eta_placement="middle"), "eta_placement must be one of"),
-        (dict(num_generations=4, num_high_entropy_generations=0), "num_high_entropy_generations must be between 1"),
-        (dict(num_generations=4, num_high_entropy_generations=4), "num_high_entropy_generations must be between 1"),
-        (dict(num_generations=1, per_device_train_batch_size=1), "num_generations must be >= 2"),
-        (dict(num_generations_eval=1), "num_generations_eval must be >= 2"),
-        (dict(num_generations_eval=4, num_high_entropy_generations_eval=4), "num_high_entropy_generations_eval must"),
-        (dict(num_generations_eval=4, num_high_entropy_generations_eval=0), "num_high_entropy_generations_eval must"),
+        ({"kappa": 1.0}, "kappa must be > 1"),
+        ({"kappa": 0.5}, "kappa must be > 1"),
+        ({"alpha": -0.1}, r"alpha must be in \[0, 1\]"),
+        ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
+        ({"eta": -0.01}, "eta must be >= 0"),
+        ({"high_entropy_system_prompt": ""}, "high_entropy_system_prompt must be a non-empty string"),
+        ({"high_entropy_system_prompt": "   \n"}, "high_entropy_system_prompt must be a non-empty string"),
+        ({"eta_placement": "middle"}, "eta_placement must be one of"),
+        ({"num_generations": 4, "num_high_entropy_generations": 0}, "num_high_entropy_generations must be between 1"),
+        ({"num_generations": 4, "num_high_entropy_generations": 4}, "num_high_entropy_generations must be between 1"),
+        ({"num_generations": 1, "per_device_train_batch_size": 1}, "num_generations must be >= 2"),
+        ({"num_generations_eval": 1}, "num_generations_eval must be >= 2"),
+        (
+            {"num_generations_eval": 4, "num_high_entropy_generations_eval": 4},
+            "num_high_entropy_generations_eval must",
+        ),
+        (
+            {"num_generations_eval": 4, "num_high_entropy_generations_eval": 0},
+            "num_high_entropy_generations_eval must",
+        ),
     ],
 )
 def test_validation_errors(kwargs, message):
@@ -64,8 +75,15 @@ def test_every_field_has_help():
 
     own = {f.name for f in fields(PolicySplitGRPOConfig)} - {f.name for f in fields(GRPOConfig)}
     assert own == {
-        "high_entropy_system_prompt", "num_high_entropy_generations", "num_high_entropy_generations_eval",
-        "eta", "kappa", "alpha", "normal_eta", "rollout_sharing", "eta_placement",
+        "high_entropy_system_prompt",
+        "num_high_entropy_generations",
+        "num_high_entropy_generations_eval",
+        "eta",
+        "kappa",
+        "alpha",
+        "normal_eta",
+        "rollout_sharing",
+        "eta_placement",
     }
     for f in fields(PolicySplitGRPOConfig):
         if f.name in own:
@@ -75,9 +93,30 @@ def test_every_field_has_help():
 def test_cli_flags_parse():
     parser = HfArgumentParser(PolicySplitGRPOConfig)
     (cfg,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", "/tmp/x", "--eta", "0.05", "--kappa", "3", "--alpha", "0.25", "--rollout_sharing", "false",
-         "--eta_placement", "inside_clip", "--num_generations", "8", "--num_high_entropy_generations", "2",
-         "--per_device_train_batch_size", "8", "--use_cpu", "true", "--report_to", "none"]
+        [
+            "--output_dir",
+            "/tmp/x",
+            "--eta",
+            "0.05",
+            "--kappa",
+            "3",
+            "--alpha",
+            "0.25",
+            "--rollout_sharing",
+            "false",
+            "--eta_placement",
+            "inside_clip",
+            "--num_generations",
+            "8",
+            "--num_high_entropy_generations",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
     )
     assert (cfg.eta, cfg.kappa, cfg.alpha, cfg.rollout_sharing) == (0.05, 3.0, 0.25, False)
     assert cfg.eta_placement == "inside_clip" and cfg.num_high_entropy_generations == 2
@@ -87,11 +126,20 @@ def test_cli_flags_parse():
 
 def test_trl_parser_yaml_recipe_with_cli_override(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"), "eta": 0.01, "kappa": 2.5, "num_generations": 4,
-        "per_device_train_batch_size": 4, "use_cpu": True, "report_to": "none",
-        "high_entropy_system_prompt": "Think differently.",
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "eta": 0.01,
+                "kappa": 2.5,
+                "num_generations": 4,
+                "per_device_train_batch_size": 4,
+                "use_cpu": True,
+                "report_to": "none",
+                "high_entropy_system_prompt": "Think differently.",
+            }
+        )
+    )
     parser = TrlParser(PolicySplitGRPOConfig)
     (cfg,) = parser.parse_args_and_config(["--config", str(recipe), "--eta", "0.02"])
     assert cfg.eta == 0.02  # CLI wins over the recipe

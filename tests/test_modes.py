@@ -33,7 +33,9 @@ def test_conversational_with_system_message_keeps_it_after_a_blank_line():
 
 def test_empty_system_message_and_content_blocks():
     assert apply_system_prompt([{"role": "system", "content": ""}, {"role": "user", "content": "q"}], S)[0] == {
-        "role": "system", "content": S}
+        "role": "system",
+        "content": S,
+    }
     blocks = [{"role": "system", "content": [{"type": "text", "text": "Tutor."}]}, {"role": "user", "content": "q"}]
     out = apply_system_prompt(blocks, S)
     assert out[0]["content"] == [{"type": "text", "text": "Be creative.\n\n"}, {"type": "text", "text": "Tutor."}]

@@ -18,22 +18,22 @@ ETA, KAPPA = 0.03, 2.0
 
 
 def config(tmp_path, **kwargs):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        num_generations=G,
-        max_completion_length=12,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        eta=ETA,
-        kappa=KAPPA,
-        temperature=1.0,
-    )
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "num_generations": G,
+        "max_completion_length": 12,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "seed": 0,
+        "eta": ETA,
+        "kappa": KAPPA,
+        "temperature": 1.0,
+    }
     base.update(kwargs)
     return PolicySplitGRPOConfig(**base)
 
@@ -262,8 +262,9 @@ def test_steps_per_generation_2(tmp_path, tokenizer):
 
 
 def test_beta_has_reference_logps_for_both_contexts(tmp_path, tokenizer, tiny_model_path):
-    trainer = make_trainer(tmp_path, tokenizer, model=tiny_model_path, beta=0.04, max_steps=2,
-                           gradient_checkpointing=True)
+    trainer = make_trainer(
+        tmp_path, tokenizer, model=tiny_model_path, beta=0.04, max_steps=2, gradient_checkpointing=True
+    )
     outputs = spy_outputs(trainer)
     trainer.train()
     out = outputs[0]
@@ -302,7 +303,7 @@ def test_checkpoint_resume_continues_the_global_step(tmp_path, tokenizer):
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert checkpoint.is_dir()
-    card = (tmp_path / "out" / "checkpoint-2" / "README.md")
+    card = tmp_path / "out" / "checkpoint-2" / "README.md"
     if not card.exists():
         card = tmp_path / "out" / "README.md"
     assert "policy-split" in card.read_text()
@@ -321,8 +322,15 @@ def test_eval_logs_per_mode_metrics(tmp_path, tokenizer):
     trainer = PolicySplitGRPOTrainer(
         model=build_model(tokenizer),
         reward_funcs=[recorder.func, contains_digit_reward],
-        args=config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8,
-                    num_generations_eval=4, num_high_entropy_generations_eval=1),
+        args=config(
+            tmp_path,
+            max_steps=2,
+            eval_strategy="steps",
+            eval_steps=2,
+            per_device_eval_batch_size=8,
+            num_generations_eval=4,
+            num_high_entropy_generations_eval=1,
+        ),
         train_dataset=arithmetic_dataset(16),
         eval_dataset=arithmetic_dataset(4, seed=1),
         processing_class=tokenizer,
@@ -352,8 +360,9 @@ def test_model_card_has_policy_split_tag(tmp_path, tokenizer):
 
 def test_plain_text_prompts(tmp_path, tokenizer):
     recorder = Recorder()
-    trainer = make_trainer(tmp_path, tokenizer, rewards=[recorder.func], dataset=arithmetic_dataset(8, conversational=False),
-                           max_steps=1)
+    trainer = make_trainer(
+        tmp_path, tokenizer, rewards=[recorder.func], dataset=arithmetic_dataset(8, conversational=False), max_steps=1
+    )
     outputs = spy_outputs(trainer)
     trainer.train()
     for prompt, mode in zip(recorder.calls[0]["prompts"], recorder.calls[0]["modes"]):
@@ -366,10 +375,17 @@ def test_rejects_a_plain_grpo_config(tmp_path, tokenizer):
 
     with pytest.raises(TypeError, match="PolicySplitGRPOConfig"):
         PolicySplitGRPOTrainer(
-            model=build_model(tokenizer), reward_funcs=[length_reward],
-            args=GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=8,
-                            num_generations=4),
-            train_dataset=arithmetic_dataset(8), processing_class=tokenizer,
+            model=build_model(tokenizer),
+            reward_funcs=[length_reward],
+            args=GRPOConfig(
+                output_dir=str(tmp_path),
+                report_to="none",
+                use_cpu=True,
+                per_device_train_batch_size=8,
+                num_generations=4,
+            ),
+            train_dataset=arithmetic_dataset(8),
+            processing_class=tokenizer,
         )
 
 
@@ -406,8 +422,9 @@ def test_vllm_importance_sampling_is_shared_by_the_twin_row(tmp_path, tokenizer)
     ratio = out["importance_sampling_ratio"]
     assert torch.equal(ratio[:b], ratio[b:])
     # mismatch of +0.1 nats in the generating context -> ratio exp(0.1) on every token but the unscored first one
-    torch.testing.assert_close(ratio[:, 1:][mask[:, 1:]], torch.full_like(ratio[:, 1:][mask[:, 1:]], math.exp(0.1)),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        ratio[:, 1:][mask[:, 1:]], torch.full_like(ratio[:, 1:][mask[:, 1:]], math.exp(0.1)), rtol=1e-3, atol=1e-3
+    )
     assert torch.all(ratio[:, 0] == 1.0)
     sampling, old = out["sampling_per_token_logps"], out["old_per_token_logps"]
     assert torch.isfinite(sampling).all()
@@ -422,8 +439,11 @@ def test_vllm_importance_sampling_is_shared_by_the_twin_row(tmp_path, tokenizer)
 def test_vllm_server_generates_each_mode_from_its_own_prompt(tmp_path, tokenizer, monkeypatch):
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1, num_generations=8, num_high_entropy_generations=2)
     seen = []
-    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn",
-                        lambda self, p, i, m, num_generations, h=False: seen.append(num_generations) or ([], None))
+    monkeypatch.setattr(
+        GRPOTrainer,
+        "_generate_single_turn",
+        lambda self, p, i, m, num_generations, h=False: seen.append(num_generations) or ([], None),
+    )
     trainer.use_vllm, trainer.vllm_mode = True, "server"
     trainer.model.train()
     trainer._generate_single_turn([[1]] * 8, None, {}, 8)
@@ -450,8 +470,9 @@ def test_no_nan_when_all_rewards_are_equal(tmp_path, tokenizer):
 
 @pytest.mark.skipif(os.environ.get("POLICY_SPLIT_SKIP_SLOW") == "1", reason="slow")
 def test_gradient_accumulation(tmp_path, tokenizer):
-    trainer = make_trainer(tmp_path, tokenizer, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                           max_steps=2)
+    trainer = make_trainer(
+        tmp_path, tokenizer, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2
+    )
     outputs = spy_outputs(trainer)
     trainer.train()
     assert trainer.state.global_step == 2

@@ -10,6 +10,12 @@ from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from policy_split_trl import (
+    HIGH_ENTROPY_SYSTEM_PROMPT,
+    LOW_ENTROPY_SYSTEM_PROMPT,
+    REWRITTEN_HIGH_ENTROPY_SYSTEM_PROMPT,
+)
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -18,14 +24,34 @@ CHATML_TEMPLATE = (
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MODE_PROMPTS_TEXT = [HIGH_ENTROPY_SYSTEM_PROMPT, REWRITTEN_HIGH_ENTROPY_SYSTEM_PROMPT, LOW_ENTROPY_SYSTEM_PROMPT]
 
 
 def _corpus() -> list[str]:
     rng = random.Random(0)
-    words = "the a model answer think step number sum plus minus equals question mode high entropy normal".split()
+    words = [
+        "the",
+        "a",
+        "model",
+        "answer",
+        "think",
+        "step",
+        "number",
+        "sum",
+        "plus",
+        "minus",
+        "equals",
+        "question",
+        "mode",
+        "high",
+        "entropy",
+        "normal",
+    ]
     lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
     lines += [f"{a} + {b} = {a + b}" for a in range(30) for b in range(10)]
-    lines += ["system user assistant You are now in the High Entropy mode. Your primary directive is to explore."]
+    # Real tokenizers have seen English prose: training on the mode prompts keeps the HE prompt near its real-world
+    # length (~100 tokens instead of ~350 byte-level pieces), so step-time ratios on the tiny model are realistic.
+    lines += ["system user assistant", *MODE_PROMPTS_TEXT] * 5
     return lines
 
 
@@ -34,7 +60,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=1000,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
