@@ -193,10 +193,19 @@ def test_loss_is_a_token_mean_over_both_contexts(tmp_path, tokenizer):
     normal_sum, he_sum = (adv[:8] * mask[:8]).sum(), (adv[8:] * mask[8:]).sum()
     torch.testing.assert_close(loss, -(normal_sum + he_sum) / (2 * mask[:8].sum()), rtol=1e-5, atol=1e-6)
 
-    trainer.loss_type = "grpo"  # per-row token mean, then mean over all 2B rows
-    loss = trainer.compute_loss(trainer.model, out)
-    expected = (-(adv * mask).sum(1) / mask.sum(1)).mean()
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # Every other loss type keeps its own normalization over the 2B rows.
+    rows = adv.size(0)
+    expected_by_type = {
+        "grpo": (-(adv * mask).sum(1) / mask.sum(1)).mean(),  # per-row token mean, then mean over rows
+        "bnpo": -(adv * mask).sum() / mask.sum(),  # token mean of the micro-batch
+        "dr_grpo": -(adv * mask).sum() / (rows * trainer.max_completion_length),
+    }
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "sapo", "luspo", "cispo", "vespo"):
+        trainer.loss_type = loss_type
+        loss = trainer.compute_loss(trainer.model, out)
+        assert torch.isfinite(loss), loss_type
+        if loss_type in ("grpo", "bnpo", "dr_grpo"):
+            torch.testing.assert_close(loss, expected_by_type[loss_type], rtol=1e-5, atol=1e-6)
 
 
 def test_without_sharing_each_rollout_trains_in_its_own_context(tmp_path, tokenizer):
