@@ -5,8 +5,10 @@ import textwrap
 from typing import Any, ClassVar
 
 import torch
+from transformers import PreTrainedModel
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.grpo_trainer import RewardFunc
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
 from .advantages import (
@@ -96,7 +98,13 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, reward_funcs=None, args: PolicySplitGRPOConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+        args: PolicySplitGRPOConfig | None = None,
+        **kwargs: Any,
+    ):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = PolicySplitGRPOConfig(f"{model_name.split('/')[-1]}-PolicySplit")
@@ -123,7 +131,14 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             return self.num_generations, self.args.num_high_entropy_generations
         return self.num_generations_eval, self.args.num_high_entropy_generations_eval
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(
+        self,
+        prompt_ids: list[list[int]],
+        images: list | None,
+        multimodal_fields: dict[str, Any],
+        num_generations: int,
+        has_tool_images: bool = False,
+    ) -> tuple[list[list[int]], list[list[float | None]] | None]:
         # vLLM server mode generates `n` samples from every `n`-th prompt, assuming a group shares one prompt. Ours
         # holds two runs of identical prompts (normal, then HE); a gcd-sized `n` keeps each run's own prompt.
         if self.use_vllm and self.vllm_mode == "server":
@@ -132,20 +147,24 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
                 num_generations = math.gcd(group_size - num_he, num_he)
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+    def _calculate_rewards(
+        self, inputs: list[dict[str, Any]], prompts: list, completions: list, completion_ids_list: list[list[int]]
+    ) -> torch.Tensor:
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         # Kept for the per-mode metrics; TRL does not return them from `_generate_and_score_completions`.
         self._policy_split_rewards = rewards_per_func
         self._policy_split_lengths = [len(ids) for ids in completion_ids_list]
         return rewards_per_func
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+    def _get_per_token_logps_and_entropies(
+        self, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         # The loss pass computes per-token entropies; kept so `_compute_loss` can log them per context.
         self._policy_split_entropies = None if entropies is None else entropies.detach()
         return logps, entropies, aux_loss
 
-    def _compute_loss(self, model, inputs):
+    def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         loss = super()._compute_loss(model, inputs)
         context, entropies = inputs.get("policy_split_context"), self._policy_split_entropies
         if context is not None and entropies is not None:

@@ -178,6 +178,17 @@ def test_training_shares_rollouts_and_logs_per_mode_metrics(tmp_path, tokenizer)
     assert 0.0 <= logs[-1]["policy_split/bonus/clip_fraction"] <= 1.0
 
 
+def test_custom_mode_split(tmp_path, tokenizer):
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, tokenizer, rewards=[recorder.func], num_high_entropy_generations=1, max_steps=2)
+    outputs = spy_outputs(trainer)
+    trainer.train()
+    for call in recorder.calls:
+        assert call["modes"] == ["normal", "normal", "normal", "high_entropy"] * 2
+    for out in outputs:
+        check_sharing_output(out, 8)
+
+
 def test_loss_is_a_token_mean_over_both_contexts(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
     inputs = [row for row in arithmetic_dataset(2) for _ in range(G)]
