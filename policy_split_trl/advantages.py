@@ -169,6 +169,15 @@ def normalize_bonus(bonus: torch.Tensor, mask: torch.Tensor, group_size: int) ->
     return standardize_bonus(bonus, mask, mean, std)
 
 
+def _clip_input(normalized_bonus: torch.Tensor, eta: float, eta_placement: str) -> torch.Tensor:
+    """What Eq. 3 clips: `B` itself (eta outside the clip) or `eta * B` (eta inside, Cheng et al. 2025)."""
+    if eta_placement == "outside_clip":
+        return normalized_bonus
+    if eta_placement == "inside_clip":
+        return eta * normalized_bonus
+    raise ValueError(f"eta_placement must be 'outside_clip' or 'inside_clip', got {eta_placement!r}.")
+
+
 def clipped_bonus(
     advantages: torch.Tensor,
     normalized_bonus: torch.Tensor,
@@ -200,11 +209,8 @@ def clipped_bonus(
         `torch.Tensor`: shape `(B, T)`.
     """
     bound = (advantages.abs() / kappa).unsqueeze(1).to(normalized_bonus.dtype)
-    if eta_placement == "outside_clip":
-        return eta * torch.clamp(normalized_bonus, -bound, bound)
-    if eta_placement == "inside_clip":
-        return torch.clamp(eta * normalized_bonus, -bound, bound)
-    raise ValueError(f"eta_placement must be 'outside_clip' or 'inside_clip', got {eta_placement!r}.")
+    clipped = torch.clamp(_clip_input(normalized_bonus, eta, eta_placement), -bound, bound)
+    return eta * clipped if eta_placement == "outside_clip" else clipped
 
 
 def entropy_regularized_advantages(
@@ -268,8 +274,7 @@ def bonus_hit_clip(
         `torch.Tensor`: bool, shape `(B, T)`.
     """
     bound = (advantages.abs() / kappa).unsqueeze(1)
-    raw = normalized_bonus if eta_placement == "outside_clip" else eta * normalized_bonus
-    return (raw.abs() > bound) & (bound > 0)
+    return (_clip_input(normalized_bonus, eta, eta_placement).abs() > bound) & (bound > 0)
 
 
 def forward_kl_estimate(
