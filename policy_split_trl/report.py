@@ -37,7 +37,9 @@ def mode_table(before: dict[str, float], after: dict[str, float], reward_names: 
     Returns:
         `str`: the table.
     """
-    rows = list(_TABLE_ROWS) + [(f"reward: {n}", f"policy_split/{{mode}}/rewards/{n}/mean") for n in reward_names]
+    # With a single reward function its row would repeat the total reward.
+    per_func = [] if len(reward_names) < 2 else reward_names
+    rows = list(_TABLE_ROWS) + [(f"reward: {n}", f"policy_split/{{mode}}/rewards/{n}/mean") for n in per_func]
     lines = [
         "| metric | normal: before | normal: after | high-entropy: before | high-entropy: after |",
         "|---|---|---|---|---|",
