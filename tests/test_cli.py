@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from policy_split_trl.scripts.train import cli
+from policy_split_trl.scripts.train import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_RECIPES = sorted(
@@ -38,7 +38,11 @@ def test_recipes_exist():
     for size in ("1.7b", "4b", "8b"):
         assert f"paper/qwen3_{size}_policy_split.yaml" in names
         assert f"paper/qwen3_{size}_grpo.yaml" in names
-    assert {"quickstart.yaml", "lora/qwen3_0.6b_lora_policy_split.yaml", "lora/qwen3_1.7b_lora_policy_split.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "lora/qwen3_0.6b_lora_policy_split.yaml",
+        "lora/qwen3_1.7b_lora_policy_split.yaml",
+    } <= names
     accelerate = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "recipes", "accelerate", "*.yaml"))}
     assert accelerate == {
         "single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp2.yaml",
@@ -48,7 +52,7 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_recipe_dry_runs_offline(recipe, capsys):
-    summary = cli(["--config", recipe, "--dry_run"])
+    summary = run(["--config", recipe, "--dry_run"])
     out = capsys.readouterr().out
     assert "dry run" in out
     assert summary["num_generations"] == 8
@@ -59,20 +63,23 @@ def test_every_recipe_dry_runs_offline(recipe, capsys):
         assert batch["training_rows_per_optimizer_step"] == 2 * batch["rollouts_per_optimizer_step"]
     if "/paper/" in recipe:
         # 8 GPUs x per-device batch x accumulation = 256 queries x 8 rollouts (the comment in each recipe)
-        assert batch["per_device_train_batch_size"] * batch["gradient_accumulation_steps"] * 8 == 256 * 8
+        on_8_gpus = run(["--config", recipe, "--dry_run", "--dry_run_num_processes", "8"])["batch"]
+        assert on_8_gpus["processes"] == 8
+        assert on_8_gpus["queries_per_optimizer_step"] == 256
+        assert on_8_gpus["rollouts_per_optimizer_step"] == on_8_gpus["generation_batch_size"] == 2048
         assert summary["model_status"].startswith("remote, not loaded")  # Hub is unreachable here
         assert summary["dataset_status"].startswith("remote, not loaded")
         assert summary["rewards"] == ["reasoning_math_accuracy_reward"]
 
 
 def test_dry_run_reads_the_model_without_weights(tiny_model_path, tmp_path, capsys):
-    summary = cli(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run",
+    summary = run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run",
                    *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
     assert summary["model_type"] == "qwen3"
     assert summary["parameters"] == summary["trainable_parameters"] > 0
     assert summary["train_samples"] == 1000
     assert summary["optimizer_steps"] == 2
-    lora = cli(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run", "--use_peft", "true",
+    lora = run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run", "--use_peft", "true",
                 "--lora_target_modules", "q_proj", "v_proj", *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
     assert 0 < lora["trainable_parameters"] < lora["parameters"]
     assert not os.path.exists(tmp_path / "checkpoint-2")
@@ -81,7 +88,7 @@ def test_dry_run_reads_the_model_without_weights(tiny_model_path, tmp_path, caps
 def test_cli_trains_from_a_recipe_with_overrides(tiny_model_path, tmp_path, capsys):
     prompt_file = tmp_path / "mode.txt"
     prompt_file.write_text("Explore unusual approaches.\n")
-    trainer = cli([
+    trainer = run([
         "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"),
         *tiny_overrides(tiny_model_path, tmp_path / "out", "--save_strategy", "steps", "--save_steps", "2",
                         "--mode_prompt_file", str(prompt_file), "--eta", "0.05"),
@@ -102,7 +109,7 @@ def test_cli_trains_from_a_recipe_with_overrides(tiny_model_path, tmp_path, caps
 
 
 def test_cli_grpo_baseline(tiny_model_path, tmp_path):
-    trainer = cli(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--method", "grpo",
+    trainer = run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--method", "grpo",
                    "--mode_report", "false", *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
     assert type(trainer).__name__ == "GRPOTrainer"
     assert trainer.state.global_step == 2
@@ -142,3 +149,13 @@ def test_accelerate_launch_two_processes(tiny_model_path, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "on 2 process(es)" in proc.stdout
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+def test_console_script_exits_zero_after_training(tiny_model_path, tmp_path):
+    exe = os.path.join(BIN, "policy-split-train")
+    cmd = [exe, "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--mode_report", "false",
+           *tiny_overrides(tiny_model_path, tmp_path / "out", "--max_steps", "1")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Model saved to" in proc.stdout

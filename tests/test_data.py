@@ -86,3 +86,25 @@ def test_unknown_local_format(tmp_path):
     path.write_text("x")
     with pytest.raises(ValueError, match="local files must be one of"):
         load_prompt_dataset(str(path))
+
+
+def test_load_deepmath_maps_the_hub_columns(monkeypatch):
+    from policy_split_trl import data
+
+    calls = []
+    hub_rows = [
+        {"question": f"Evaluate {i}!", "final_answer": str(i), "difficulty": 5.0, "topic": "x", "r1_solution_1": "..."}
+        for i in range(30)
+    ]
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return Dataset.from_list(hub_rows)
+
+    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+    ds = data.load_deepmath(max_samples=10, seed=0)
+    assert calls == [("zwhe99/DeepMath-103K", None, "train")]
+    assert ds.column_names == ["prompt", "solution"] and len(ds) == 10
+    content = ds[0]["prompt"][0]["content"]
+    assert content.startswith(MATH_TASK_PROMPT)
+    assert content.split("\n\n", 1)[1] == f"Evaluate {ds[0]['solution']}!"

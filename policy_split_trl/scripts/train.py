@@ -11,6 +11,7 @@ Arguments are those of `PolicySplitScriptArguments` (below), `PolicySplitGRPOCon
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class PolicySplitScriptArguments(ScriptArguments):
         dry_run (`bool`, *optional*, defaults to `False`):
             Build config, model, tokenizer, dataset and rewards, print a summary and exit without training. Hub models
             or datasets that are not cached while offline are reported as "remote, not loaded".
+        dry_run_num_processes (`int`, *optional*):
+            Number of processes (GPUs) the dry run's batch arithmetic assumes, to check a recipe for a cluster from
+            any machine. Defaults to the processes of the current launch.
         mode_report (`bool`, *optional*, defaults to `False`):
             Evaluate both modes before and after training (needs an eval split), print a before/after table and write
             `mode_report.md/json` and `policy_split_metrics.png` into `output_dir`.
@@ -86,6 +90,10 @@ class PolicySplitScriptArguments(ScriptArguments):
         default=None, metadata={"help": "Text file whose content replaces high_entropy_system_prompt."}
     )
     dry_run: bool = field(default=False, metadata={"help": "Build everything, print a summary and exit."})
+    dry_run_num_processes: int | None = field(
+        default=None,
+        metadata={"help": "Processes (GPUs) to assume in the --dry_run batch arithmetic; default: this launch's."},
+    )
     mode_report: bool = field(
         default=False, metadata={"help": "Evaluate both modes before and after training and write a report + plot."}
     )
@@ -123,9 +131,9 @@ def load_split(script_args: PolicySplitScriptArguments, split: str, max_samples:
     )
 
 
-def batch_arithmetic(args: PolicySplitGRPOConfig, method: str) -> dict[str, Any]:
+def batch_arithmetic(args: PolicySplitGRPOConfig, method: str, world_size: int | None = None) -> dict[str, Any]:
     """How one optimizer step maps onto processes x per-device batch x accumulation, in rollouts and queries."""
-    world_size = args.world_size
+    world_size = world_size or args.world_size
     rollouts = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
     sharing = method == "policy_split" and args.rollout_sharing
     return {
@@ -135,7 +143,7 @@ def batch_arithmetic(args: PolicySplitGRPOConfig, method: str) -> dict[str, Any]
         "rollouts_per_optimizer_step": rollouts,
         "queries_per_optimizer_step": rollouts / args.num_generations,
         "training_rows_per_optimizer_step": rollouts * (2 if sharing else 1),
-        "generation_batch_size": args.generation_batch_size,
+        "generation_batch_size": args.per_device_train_batch_size * world_size * args.steps_per_generation,
         "steps_per_generation": args.steps_per_generation,
     }
 
@@ -199,14 +207,15 @@ def dry_run_summary(
             "eta_placement": training_args.eta_placement,
         }
     summary["num_generations"] = g
-    summary["batch"] = batch_arithmetic(training_args, script_args.method)
-    if "train_samples" in summary:
+    summary["batch"] = batch_arithmetic(training_args, script_args.method, script_args.dry_run_num_processes)
+    # Without the dataset (remote), `max_train_samples` still gives the number of prompts a run will see.
+    num_prompts = summary.get("train_samples", script_args.max_train_samples)
+    if training_args.max_steps > 0:
+        summary["optimizer_steps"] = training_args.max_steps
+    elif num_prompts:
         queries = summary["batch"]["queries_per_optimizer_step"]
-        steps = (
-            int(-(-summary["train_samples"] * training_args.num_train_epochs // queries))
-            * training_args.num_iterations
-        )
-        summary["optimizer_steps"] = training_args.max_steps if training_args.max_steps > 0 else steps
+        steps = math.ceil(num_prompts * training_args.num_train_epochs / queries) * training_args.num_iterations
+        summary["optimizer_steps"] = steps if "train_samples" in summary else f"{steps} (from max_train_samples)"
     return summary
 
 
@@ -314,8 +323,8 @@ def _dry_run_requested(argv: list[str]) -> bool:
     return not following or following[0].lower() not in ("false", "0", "no")
 
 
-def cli(argv: list[str] | None = None) -> Any:
-    """Console entry point `policy-split-train`."""
+def run(argv: list[str] | None = None) -> Any:
+    """Parse `argv` (default: the command line) and run; returns the trainer, or the dry-run summary."""
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -330,6 +339,11 @@ def cli(argv: list[str] | None = None) -> Any:
     if cpu_note:
         print(cpu_note)
     return main(script_args, training_args, model_args)
+
+
+def cli() -> None:
+    """Console entry point `policy-split-train` (its exit status is 0 on success, so it returns nothing)."""
+    run()
 
 
 if __name__ == "__main__":
