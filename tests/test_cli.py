@@ -85,6 +85,13 @@ def test_dry_run_reads_the_model_without_weights(tiny_model_path, tmp_path, caps
     assert not os.path.exists(tmp_path / "checkpoint-2")
 
 
+def test_dry_run_fails_loudly_on_a_missing_local_file(tiny_model_path, tmp_path):
+    missing = str(tmp_path / "no_such_file.jsonl")
+    with pytest.raises(Exception, match="no_such_file"):
+        run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run", "--dataset_name", missing,
+             *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
+
+
 def test_cli_trains_from_a_recipe_with_overrides(tiny_model_path, tmp_path, capsys):
     prompt_file = tmp_path / "mode.txt"
     prompt_file.write_text("Explore unusual approaches.\n")

@@ -22,6 +22,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 from policy_split_trl.config import PolicySplitGRPOConfig
 
 METHODS = ("policy_split", "grpo")
+_DATA_EXTENSIONS = {".json", ".jsonl", ".csv", ".parquet"}
 
 
 @dataclass
@@ -99,8 +100,16 @@ class PolicySplitScriptArguments(ScriptArguments):
     )
 
 
-def _is_local(path: str | None) -> bool:
-    return path is not None and os.path.exists(path)
+def _unreachable(name: str | None) -> bool:
+    """A Hub id that an offline run cannot have loaded: not a local path, and the Hub is switched off."""
+    from huggingface_hub import constants
+
+    if name is None:
+        return False
+    # Looks like a path (a typo must fail loudly, not pass as "remote"), exists, or needs no download.
+    path_like = os.path.isabs(name) or name.startswith((".", "~")) or os.path.splitext(name)[1] in _DATA_EXTENSIONS
+    local = path_like or os.path.exists(name) or name.startswith("synthetic:")
+    return not local and constants.HF_HUB_OFFLINE
 
 
 def load_reward_funcs(script_args: PolicySplitScriptArguments) -> list[Any]:
@@ -183,7 +192,7 @@ def dry_run_summary(
         )
         summary.update(model_type=model_type, parameters=total, trainable_parameters=trainable)
     except (OSError, ValueError) as error:
-        if _is_local(model_path):
+        if not _unreachable(model_path):
             raise
         summary["model_status"] = f"remote, not loaded ({type(error).__name__})"
     summary["rewards"] = [getattr(f, "__name__", str(f)) for f in load_reward_funcs(script_args)]
@@ -193,7 +202,7 @@ def dry_run_summary(
         )
         summary["train_samples"] = len(train)
     except Exception as error:  # datasets raises several types when offline and uncached
-        if _is_local(script_args.dataset_name) or script_args.dataset_name == "synthetic:arithmetic":
+        if not _unreachable(script_args.dataset_name):
             raise
         summary["dataset_status"] = f"remote, not loaded ({type(error).__name__})"
     g, k = training_args.num_generations, training_args.num_high_entropy_generations
