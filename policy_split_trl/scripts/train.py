@@ -60,6 +60,12 @@ class PolicySplitScriptArguments(ScriptArguments):
         mode_report (`bool`, *optional*, defaults to `False`):
             Evaluate both modes before and after training (needs an eval split), print a before/after table and write
             `mode_report.md/json` and `policy_split_metrics.png` into `output_dir`.
+        dual_mode_eval_steps (`int`, *optional*):
+            Every N steps, sample both modes on the eval split with the model in training
+            ([`~policy_split_trl.eval.callback.DualModeEvalCallback`]; sampling at `temperature`, up to
+            `max_completion_length` tokens) and log `dual_mode_eval/*` metrics.
+        dual_mode_eval_k (`int`, *optional*, defaults to `2`):
+            Samples per problem and mode for that evaluation.
     """
 
     method: str = field(
@@ -98,6 +104,11 @@ class PolicySplitScriptArguments(ScriptArguments):
     mode_report: bool = field(
         default=False, metadata={"help": "Evaluate both modes before and after training and write a report + plot."}
     )
+    dual_mode_eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "Every N steps, sample both modes on the eval split and log dual_mode_eval/* metrics."},
+    )
+    dual_mode_eval_k: int = field(default=2, metadata={"help": "Samples per problem and mode for dual_mode_eval."})
 
 
 def _unreachable(name: str | None) -> bool:
@@ -271,7 +282,7 @@ def main(
     train_dataset = load_split(
         script_args, script_args.dataset_train_split, script_args.max_train_samples, training_args.seed
     )
-    needs_eval = training_args.eval_strategy != "no" or script_args.mode_report
+    needs_eval = training_args.eval_strategy != "no" or script_args.mode_report or script_args.dual_mode_eval_steps
     eval_dataset = (
         load_split(script_args, script_args.dataset_test_split, script_args.max_eval_samples, training_args.seed)
         if needs_eval
@@ -287,6 +298,22 @@ def main(
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
+
+    if script_args.dual_mode_eval_steps:
+        from policy_split_trl.eval.backends import SamplingConfig
+        from policy_split_trl.eval.callback import DualModeEvalCallback, problems_from_dataset
+
+        kind = {"math": "math", "multiple_choice": "multiple_choice", "arithmetic": "arithmetic"}.get(script_args.task)
+        if kind is None:
+            raise ValueError("--dual_mode_eval_steps needs a gradable --task (math, multiple_choice, arithmetic).")
+        sampling = SamplingConfig(
+            temperature=training_args.temperature, top_p=training_args.top_p, top_k=training_args.top_k or 0,
+            max_new_tokens=training_args.max_completion_length,
+        )  # fmt: skip
+        DualModeEvalCallback(
+            problems_from_dataset(eval_dataset, kind=kind), every_n_steps=script_args.dual_mode_eval_steps,
+            k=script_args.dual_mode_eval_k, sampling=sampling, batch_size=training_args.per_device_eval_batch_size,
+        ).attach(trainer)  # fmt: skip
 
     g = training_args.num_generations
     split = (

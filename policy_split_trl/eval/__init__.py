@@ -1,0 +1,6 @@
+"""Dual-mode evaluation: the paper's measurements (Tables 1, 2, 5, 6, 7) for any model, both modes side by side."""
+
+from .backends import SamplingConfig, TransformersBackend, make_backend
+from .harness import EvalConfig, evaluate_modes
+
+__all__ = ["EvalConfig", "SamplingConfig", "TransformersBackend", "evaluate_modes", "make_backend"]

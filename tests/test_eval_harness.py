@@ -1,0 +1,146 @@
+"""Dual-mode evaluation: metric functions against hand computations, and the harness end to end on a tiny model."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from policy_split_trl.advantages import forward_kl_estimate
+from policy_split_trl.eval.metrics import avg_at_k, pass_at_k, token_entropy_bits, token_logprobs, unique_solved
+from policy_split_trl.scripts.evaluate import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATH500 = os.path.join(ROOT, "tests", "data", "math500.jsonl")
+
+
+def test_entropy_in_bits_hand_computed():
+    # uniform over 4 tokens: log2(4) = 2 bits; (1/2, 1/4, 1/4): 0.5*1 + 0.25*2 + 0.25*2 = 1.5 bits
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.25, 1e-30]])
+    torch.testing.assert_close(token_entropy_bits(probs.log()), torch.tensor([2.0, 1.5]), atol=1e-5, rtol=0)
+    # temperature 2 on logits log(0.5, 0.25, 0.25): softmax of log p / 2 ~ sqrt(p) normalised
+    q = torch.tensor([0.5, 0.25, 0.25]).sqrt()
+    q = q / q.sum()
+    expected = -(q * q.log2()).sum()
+    torch.testing.assert_close(token_entropy_bits(torch.tensor([0.5, 0.25, 0.25]).log(), 2.0), expected)
+    with pytest.raises(ValueError, match="temperature"):
+        token_entropy_bits(probs, 0.0)
+
+
+def test_kl_estimator_equals_exact_kl_on_a_toy_case():
+    # Samples whose empirical distribution is exactly p = (1/2, 1/4, 1/4): the Monte-Carlo mean is the exact KL.
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
+    exact = (p * (p / q).log()).sum()  # = 0.5 ln 2 - 0.25 ln 2 = 0.25 ln 2
+    samples = torch.tensor([[0, 0, 1, 2]])
+    logits_p, logits_q = p.log().expand(1, 4, 3), q.log().expand(1, 4, 3)
+    total, count = forward_kl_estimate(token_logprobs(logits_p, samples), token_logprobs(logits_q, samples),
+                                       torch.ones(1, 4))  # fmt: skip
+    assert (total / count).item() == pytest.approx(exact.item(), abs=1e-6)
+    assert exact.item() == pytest.approx(0.25 * math.log(2))
+
+
+def test_avg_and_pass_at_k_on_fixed_matrices():
+    correct = [[True, False, False, False], [False, False, False, False], [True, True, True, True]]
+    assert avg_at_k(correct) == pytest.approx((0.25 + 0.0 + 1.0) / 3)
+    assert pass_at_k(correct) == pytest.approx(2 / 3)
+    assert math.isnan(avg_at_k([])) and math.isnan(pass_at_k([]))
+    solved = {
+        "normal": {"p1": [True, False], "p2": [False, False], "p3": [True, True]},
+        "high_entropy": {"p1": [False, False], "p2": [False, True], "p3": [True, False]},
+    }
+    assert unique_solved(solved) == {"normal": 1, "high_entropy": 1}  # p1 only normal, p2 only HE
+
+
+def eval_args(tiny_model_path, out, *extra):
+    return [
+        "--model", tiny_model_path, "--benchmarks", "math500", "creative_writing", "--source", f"math500={MATH500}",
+        "--limit", "5", "--limit_for", "creative_writing=2", "--k", "2", "--max_new_tokens", "8",
+        "--temperature", "1.0", "--top_p", "1.0", "--top_k", "0", "--batch_size", "4", "--backend", "transformers",
+        "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_cli_end_to_end_and_resume(tiny_model_path, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    from policy_split_trl.eval import backends
+
+    calls = {"n": 0}
+    real_generate = backends.TransformersBackend.generate
+
+    def crashing_generate(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed halfway")
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(backends.TransformersBackend, "generate", crashing_generate)
+    with pytest.raises(KeyboardInterrupt):
+        run(eval_args(tiny_model_path, out))
+    lines_before = (out / "generations.jsonl").read_text().splitlines()
+    assert 0 < len(lines_before) < (5 + 2) * 2 * 2  # some, not all, of 7 problems x 2 modes x k=2
+
+    monkeypatch.setattr(backends.TransformersBackend, "generate", real_generate)
+    results = run(eval_args(tiny_model_path, out))
+    assert 0 < results["generated_this_run"] < (5 + 2) * 2 * 2  # resumed: fewer generations than a full run
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(records) == (5 + 2) * 2 * 2
+    assert records[: len(lines_before)] == [json.loads(line) for line in lines_before]  # nothing redone
+
+    again = run(eval_args(tiny_model_path, out))
+    assert again["generated_this_run"] == 0  # everything done: nothing regenerated
+
+    for name in ("results.json", "results.md", "entropy_histogram.png", "accuracy_vs_entropy.png"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "results.json").read_text())
+    math500 = saved["per_benchmark"]["math500"]
+    for mode in ("normal", "high_entropy"):
+        m = math500[mode]
+        assert m["problems"] == 5 and m["samples"] == 10
+        assert 0.0 <= m["avg_at_k"] <= m["pass_at_k"] <= 1.0
+        assert 0.0 < m["entropy_bits"] <= math.log2(len_vocab(tiny_model_path)) + 1e-6
+        assert 1 <= m["mean_length"] <= 8
+    comparison = saved["comparisons"]["math500"]["high_entropy"]
+    assert math.isfinite(comparison["kl_mode_normal"]) and comparison["abs_delta_length"] >= 0
+    creative = saved["creative"]
+    assert set(creative) == {"normal", "high_entropy"} and creative["normal"]["prompts"] == 2
+    assert 0.0 <= creative["normal"]["div_ngram"] <= 1.0 and 0.0 <= creative["normal"]["div_bleu"] <= 1.0
+    assert saved["entropy"]["unit"] == "bits" and saved["entropy"]["temperature"] == 1.0
+    assert saved["config"]["backend_used"] == "transformers" and "torch" in saved["versions"]
+    assert "MATH-500 Acc" in (out / "results.md").read_text()
+    assert "Dual-mode comparison" in (out / "results.md").read_text()
+
+
+def len_vocab(path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).vocab_size
+
+
+def test_entropy_raw_option_is_recorded(tiny_model_path, tmp_path):
+    results = run([
+        *eval_args(tiny_model_path, tmp_path / "raw", "--entropy_temperature", "raw", "--no_kl"),
+        "--temperature", "0.7", "--benchmarks", "math500", "--limit", "2",
+    ])  # fmt: skip
+    assert results["entropy"]["temperature"] == 1.0 and results["entropy"]["distribution"].startswith("raw")
+    assert "kl_mode_normal" not in results["per_benchmark"]["math500"]["high_entropy"]
+
+
+def test_dual_mode_eval_callback_logs_during_training(tiny_model_path, tmp_path):
+    from policy_split_trl.scripts.train import run as train
+
+    trainer = train([
+        "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--model_name_or_path", tiny_model_path,
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--max_completion_length", "8",
+        "--num_generations", "4", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--max_eval_samples", "3", "--mode_report", "false", "--use_cpu", "true", "--report_to", "none",
+        "--dual_mode_eval_steps", "2", "--dual_mode_eval_k", "2",
+    ])  # fmt: skip
+    logged = [h for h in trainer.state.log_history if "dual_mode_eval/normal/accuracy" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    for h in logged:
+        for mode in ("normal", "high_entropy"):
+            assert 0.0 <= h[f"dual_mode_eval/{mode}/accuracy"] <= h[f"dual_mode_eval/{mode}/pass_at_k"] <= 1.0
+            assert h[f"dual_mode_eval/{mode}/entropy_bits"] > 0 and 1 <= h[f"dual_mode_eval/{mode}/length"] <= 8
+        assert math.isfinite(h["dual_mode_eval/kl_high_entropy_normal"])
+    assert trainer.model.training  # the callback gave the model back in training mode
