@@ -144,3 +144,31 @@ def test_dual_mode_eval_callback_logs_during_training(tiny_model_path, tmp_path)
             assert h[f"dual_mode_eval/{mode}/entropy_bits"] > 0 and 1 <= h[f"dual_mode_eval/{mode}/length"] <= 8
         assert math.isfinite(h["dual_mode_eval/kl_high_entropy_normal"])
     assert trainer.model.training  # the callback gave the model back in training mode
+
+
+def test_cli_creative_writing_with_judge_never_writes_the_key(tiny_model_path, tmp_path, monkeypatch):
+    from test_judge import API_KEY, MODEL, FakeOpenAIServer, paper_reply
+
+    server = FakeOpenAIServer()
+    try:
+        monkeypatch.setenv("POLICY_SPLIT_JUDGE_API_KEY", API_KEY)
+        # 2 prompts x k=2 x 2 modes = 8 stories; the first reply is malformed, the rest score 7/6/8/5/9
+        server.reply("I liked it a lot!")
+        for _ in range(7):
+            server.reply(paper_reply(7, 6, 8, 5, 9))
+        out = tmp_path / "judged"
+        results = run([
+            *eval_args(tiny_model_path, out), "--benchmarks", "creative_writing", "--judge_base_url", server.base_url,
+            "--judge_model", MODEL,
+        ])  # fmt: skip
+    finally:
+        server.close()
+    judged = results["judge"]
+    assert sum(j["n_unparseable"] for j in judged.values()) == 1  # counted, not scored 0
+    assert sum(j["n_scored"] for j in judged.values()) == 7
+    scored_normal = judged["normal"] if judged["normal"]["n_scored"] == 4 else judged["high_entropy"]
+    assert scored_normal["overall"] == pytest.approx(70.0)  # mean of 7, 6, 8, 5, 9 scaled to 100
+    assert all(r["headers"].get("Authorization") == f"Bearer {API_KEY}" for r in server.requests)
+    for path in out.iterdir():
+        assert API_KEY.encode() not in path.read_bytes(), path.name
+    assert "judge (0-100)" in (out / "results.md").read_text()

@@ -130,28 +130,31 @@ def plot_entropy_histograms(records: list[dict], modes: list[str], path: str) ->
 
 
 def plot_accuracy_vs_entropy(results: dict[str, Any], path: str) -> str | None:
-    """One point per (benchmark, mode): avg@k against mean token entropy."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """One point per graded (benchmark, mode): avg@k against mean token entropy. `None` when nothing is graded."""
     modes = sorted({m for modes in results["per_benchmark"].values() for m in modes})
-    markers = "osD^v<>"
-    for i, mode in enumerate(modes):
-        points = [
+    points = {
+        mode: [
             (m["entropy_bits"], m["avg_at_k"] * PERCENT, b)
             for b, ms in results["per_benchmark"].items()
             if (m := ms.get(mode)) and m["graded"]
         ]
-        if points:
-            ax.scatter([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=mode)
-            for x, y, b in points:
+        for mode in modes
+    }
+    plt = _pyplot()
+    if plt is None or not any(points.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    markers = "osD^v<>"
+    for i, (mode, mode_points) in enumerate(points.items()):
+        if mode_points:
+            ax.scatter([p[0] for p in mode_points], [p[1] for p in mode_points], marker=markers[i % len(markers)],
+                       label=mode)  # fmt: skip
+            for x, y, b in mode_points:
                 ax.annotate(b, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("mean token entropy (bits)")
     ax.set_ylabel("avg@k accuracy (%)")
     ax.set_title("Accuracy vs entropy per mode")
-    if modes:
-        ax.legend()
+    ax.legend()
     return _save(fig, plt, path)
 
 
