@@ -32,7 +32,8 @@ TASK_PROMPTS: dict[str, str | None] = {
 
 DEEPMATH_DATASET = "zwhe99/DeepMath-103K"
 SYNTHETIC_ARITHMETIC = "synthetic:arithmetic"
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# File extension -> `datasets` builder, for the local files every loader of this package accepts.
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def task_prompt(question: str, task: str = "math") -> list[dict[str, str]]:
@@ -55,14 +56,26 @@ def task_prompt(question: str, task: str = "math") -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
+def load_local_file(path: str) -> Dataset:
+    """
+    A local json/jsonl/parquet/csv file as one `Dataset`.
+
+    Args:
+        path (`str`):
+            Path of an existing file.
+
+    Returns:
+        `Dataset`: its rows.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in LOCAL_FORMATS:
+        raise ValueError(f"Cannot read {path!r}: local files must be one of {sorted(LOCAL_FORMATS)} (json lines too).")
+    return load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+
+
 def _load_raw(name_or_path: str, split: str, config: str | None) -> Dataset:
-    extension = os.path.splitext(name_or_path)[1].lower()
     if os.path.isfile(name_or_path):
-        if extension not in _LOCAL_FORMATS:
-            raise ValueError(
-                f"Cannot read {name_or_path!r}: local files must be one of {sorted(_LOCAL_FORMATS)} (json lines too)."
-            )
-        return load_dataset(_LOCAL_FORMATS[extension], data_files=name_or_path, split="train")
+        return load_local_file(name_or_path)
     return load_dataset(name_or_path, name=config, split=split)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import datasets
 
-from ..data import task_prompt
+from ..data import LOCAL_FORMATS, load_local_file, task_prompt
 
 ProblemKind = Literal["math", "multiple_choice", "creative"]
 
@@ -60,7 +60,6 @@ _TABLE1_COLUMN_OF = {
     "creative_writing": None,
 }
 
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # MMLU-Pro pads questions with fewer than 10 options with "N/A" in some versions; its own evaluation drops them.
 _MMLU_PRO_PADDING = "N/A"
@@ -144,10 +143,8 @@ def _load_table(source: str | None, hub_id: str, config: str | None, split: str)
         return datasets.load_dataset(hub_id, name=config, split=split)
     extension = os.path.splitext(source)[1].lower()
     if os.path.isfile(source):
-        if extension not in _LOCAL_FORMATS:
-            raise ValueError(f"Cannot read {source!r}: local files must be one of {sorted(_LOCAL_FORMATS)}.")
-        return datasets.load_dataset(_LOCAL_FORMATS[extension], data_files=source, split="train")
-    if extension in _LOCAL_FORMATS or os.path.isdir(source):
+        return load_local_file(source)
+    if extension in LOCAL_FORMATS or os.path.isdir(source):
         raise FileNotFoundError(f"No such benchmark file: {source!r}.")
     if source == hub_id:
         return datasets.load_dataset(hub_id, name=config, split=split)

@@ -15,7 +15,8 @@ before passing its stories, unless the thinking is meant to be scored too.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Appendix C.3 ("Creative Writing Tasks"), verbatim. The paper's PDF only wraps lines; we join them and undo the two
 # line-break hyphenations ("perspec-tive", "inde-pendently"). The paper gives no instruction around these prompts:
@@ -114,6 +115,31 @@ def div_ngram(stories: Sequence[str], n: int = 2) -> float:
     """
     stories = _check_stories(stories, min_count=1)
     return sum(distinct_ngram_ratio(story, n=n) for story in stories) / len(stories)
+
+
+def mean_over_prompts(
+    metric: Callable[..., float], predictions: Sequence[str] | Sequence[Sequence[str]], **kwargs: Any
+) -> float:
+    """
+    A group metric ([`div_ngram`], [`div_bleu`]) on the k stories of one prompt, or its mean over several prompts'
+    groups (one number per model, as in Table 2).
+
+    Args:
+        metric (`Callable`):
+            A function of one group of stories.
+        predictions (`Sequence[str]` or `Sequence[Sequence[str]]`):
+            One group (strings) or several groups (lists of strings).
+        **kwargs:
+            Passed to `metric` (e.g. `n=` for Div-N-Gram).
+
+    Returns:
+        `float`: the metric of the group, or the mean over groups.
+    """
+    if not predictions:
+        raise ValueError("`predictions` is empty: pass the k stories of a prompt, or a list of such groups.")
+    if isinstance(predictions[0], str):
+        return metric(predictions, **kwargs)
+    return sum(metric(group, **kwargs) for group in predictions) / len(predictions)
 
 
 def div_bleu(stories: Sequence[str]) -> float:

@@ -328,7 +328,7 @@ def _mode_metrics(rows: list[dict]) -> dict[str, float]:
 
 def creative_metrics(records: list[dict], modes: list[str]) -> dict[str, dict[str, float]]:
     """Div-N-Gram (Eq. 11) and Div-BLEU (Eq. 12) per mode, each over the k stories of a prompt, averaged."""
-    from .creative import div_bleu, div_ngram
+    from .creative import div_bleu, div_ngram, mean_over_prompts
 
     out: dict[str, dict[str, float]] = {}
     for mode in modes:
@@ -339,8 +339,8 @@ def creative_metrics(records: list[dict], modes: list[str]) -> dict[str, dict[st
         groups = [g for g in stories.values() if len(g) >= 2]
         if groups:
             out[mode] = {
-                "div_ngram": sum(div_ngram(g) for g in groups) / len(groups),
-                "div_bleu": sum(div_bleu(g) for g in groups) / len(groups),
+                "div_ngram": mean_over_prompts(div_ngram, groups),
+                "div_bleu": mean_over_prompts(div_bleu, groups),
                 "prompts": len(groups),
             }
     return out

@@ -20,9 +20,9 @@ from typing import Any
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from policy_split_trl.config import PolicySplitGRPOConfig
+from policy_split_trl.data import LOCAL_FORMATS
 
 METHODS = ("policy_split", "grpo")
-_DATA_EXTENSIONS = {".json", ".jsonl", ".csv", ".parquet"}
 
 
 @dataclass
@@ -118,7 +118,7 @@ def _unreachable(name: str | None) -> bool:
     if name is None:
         return False
     # Looks like a path (a typo must fail loudly, not pass as "remote"), exists, or needs no download.
-    path_like = os.path.isabs(name) or name.startswith((".", "~")) or os.path.splitext(name)[1] in _DATA_EXTENSIONS
+    path_like = os.path.isabs(name) or name.startswith((".", "~")) or os.path.splitext(name)[1] in LOCAL_FORMATS
     local = path_like or os.path.exists(name) or name.startswith("synthetic:")
     return not local and constants.HF_HUB_OFFLINE
 

@@ -6,6 +6,7 @@ import datasets
 import evaluate
 
 from policy_split_trl.eval.creative import div_bleu as _div_bleu
+from policy_split_trl.eval.creative import mean_over_prompts
 
 _CITATION = """\
 @misc{policysplit2026,
@@ -73,8 +74,4 @@ class DivBLEU(evaluate.Metric):
         )
 
     def _compute(self, predictions: list[str] | list[list[str]]) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("`predictions` is empty: pass the k stories of a prompt, or a list of such groups.")
-        if isinstance(predictions[0], str):
-            return {"div_bleu": _div_bleu(predictions)}
-        return {"div_bleu": sum(_div_bleu(group) for group in predictions) / len(predictions)}
+        return {"div_bleu": mean_over_prompts(_div_bleu, predictions)}

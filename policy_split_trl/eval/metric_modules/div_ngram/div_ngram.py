@@ -6,6 +6,7 @@ import datasets
 import evaluate
 
 from policy_split_trl.eval.creative import div_ngram as _div_ngram
+from policy_split_trl.eval.creative import mean_over_prompts
 
 _CITATION = """\
 @misc{policysplit2026,
@@ -67,8 +68,4 @@ class DivNGram(evaluate.Metric):
         )
 
     def _compute(self, predictions: list[str] | list[list[str]], n: int = 2) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("`predictions` is empty: pass the k stories of a prompt, or a list of such groups.")
-        if isinstance(predictions[0], str):
-            return {"div_ngram": _div_ngram(predictions, n=n)}
-        return {"div_ngram": sum(_div_ngram(group, n=n) for group in predictions) / len(predictions)}
+        return {"div_ngram": mean_over_prompts(_div_ngram, predictions, n=n)}
