@@ -172,3 +172,46 @@ def test_cli_creative_writing_with_judge_never_writes_the_key(tiny_model_path, t
     for path in out.iterdir():
         assert API_KEY.encode() not in path.read_bytes(), path.name
     assert "judge (0-100)" in (out / "results.md").read_text()
+
+
+def test_vllm_backend_maps_sampling_and_scores_with_transformers(tiny_model_path, monkeypatch):
+    """No GPU here: a fake `vllm` module records what the backend asks of vLLM."""
+    import sys
+    import types
+
+    from policy_split_trl.eval import backends
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen["init"] = kwargs
+
+        def generate(self, inputs, params, lora_request=None, use_tqdm=True):
+            seen.update(inputs=inputs, params=params, lora=lora_request)
+            out = types.SimpleNamespace(token_ids=[5, 6, 2])
+            return [types.SimpleNamespace(outputs=[out] * params.n) for _ in inputs]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda name, idx, path: ("lora", name, idx, path)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    monkeypatch.setattr(backends, "vllm_available", lambda: True)
+
+    backend = backends.make_backend(tiny_model_path, backend="auto", gpu_memory_utilization=0.4)
+    assert backend.name == "vllm" and seen["init"]["gpu_memory_utilization"] == 0.4
+    prompts = [[{"role": "user", "content": "1 + 1 ="}], [{"role": "user", "content": "2 + 2 ="}]]
+    out = backend.generate(prompts, 3, backends.SamplingConfig(0.6, 0.95, 0, 16), seed=7)
+    params = seen["params"]
+    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens, params.seed) == (
+        3, 0.6, 0.95, -1, 16, 7,
+    )  # fmt: skip
+    # vLLM gets the same chat-template token ids the transformers backend would use
+    assert seen["inputs"][0]["prompt_token_ids"] == backend.scorer.prompt_ids(prompts[0])
+    assert out == [[[5, 6, 2]] * 3] * 2
+    scored = backend.score(prompts[:1], [[5, 6, 2]], 1.0)
+    assert len(scored[0].logprobs) == 3  # scored by the transformers model
+    assert backends.make_backend(tiny_model_path, backend="transformers").name == "transformers"
