@@ -151,6 +151,8 @@ def plot_accuracy_vs_entropy(results: dict[str, Any], path: str) -> str | None:
                        label=mode)  # fmt: skip
             for x, y, b in mode_points:
                 ax.annotate(b, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    top = max(y for mode_points in points.values() for _, y, _ in mode_points)
+    ax.set_ylim(0, max(1.0, top * 1.15))  # accuracy is never negative; leave room for the labels
     ax.set_xlabel("mean token entropy (bits)")
     ax.set_ylabel("avg@k accuracy (%)")
     ax.set_title("Accuracy vs entropy per mode")
