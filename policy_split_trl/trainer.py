@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import math
+import os
 import textwrap
 from typing import Any, ClassVar
 
@@ -21,6 +23,7 @@ from .advantages import (
     standardize_bonus,
 )
 from .config import PolicySplitGRPOConfig
+from .hub import modes_card_section, policy_split_metadata, write_policy_split_json
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
 
 # Keys TRL adds for multimodal models; their rows cannot simply be duplicated into a second context.
@@ -123,6 +126,40 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         self._policy_split_rewards: torch.Tensor | None = None
         self._policy_split_lengths: list[int] | None = None
         self._policy_split_entropies: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ what a saved model carries
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        # Next to the weights of every checkpoint and of the final model (full or adapter): the modes and their exact
+        # prompts, so that inference uses what training used.
+        write_policy_split_json(output_dir or self.args.output_dir, self.args)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        eval_results: str | dict | None = None,
+    ) -> None:
+        """
+        TRL's model card plus a "Modes" section (how to call each mode, the recipe, and the latest per-mode metrics).
+
+        Args:
+            model_name, dataset_name, tags:
+                As in TRL.
+            eval_results (`str` or `dict`, *optional*):
+                A `policy-split-eval` `results.json` (path or content) whose per-mode metrics go into the card.
+        """
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        if isinstance(eval_results, str):
+            with open(eval_results) as f:
+                eval_results = json.load(f)
+        model_id = self.hub_model_id or model_name or os.path.basename(os.path.normpath(self.args.output_dir))
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, "a") as f:
+            f.write("\n" + modes_card_section(policy_split_metadata(self.args), model_id, eval_results))
 
     # ------------------------------------------------------------------ small hooks into TRL
     def _mode_split(self, mode: str) -> tuple[int, int]:

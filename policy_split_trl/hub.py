@@ -1,0 +1,184 @@
+"""What a trained dual-mode model carries: `policy_split.json` (its modes and their exact system prompts, and the
+training hyper-parameters) next to the weights, and a "Modes" section in its model card."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE
+
+POLICY_SPLIT_FILE = "policy_split.json"
+FORMAT_VERSION = 1
+
+MODE_PURPOSES = {
+    NORMAL_MODE: "trained for correctness (GRPO advantage only); use it for answers",
+    HIGH_ENTROPY_MODE: "trained with an entropy/divergence bonus; explores other reasoning paths (sampling, search, "
+    "diverse or creative generation)",
+}
+
+_TRAINING_FIELDS = (
+    "eta", "kappa", "alpha", "normal_eta", "eta_placement", "rollout_sharing", "num_generations",
+    "num_high_entropy_generations", "loss_type", "beta", "epsilon", "learning_rate", "temperature",
+    "max_completion_length",
+)  # fmt: skip
+
+
+def policy_split_metadata(args: Any) -> dict[str, Any]:
+    """
+    The content of `policy_split.json` for a [`PolicySplitGRPOConfig`].
+
+    Args:
+        args (`PolicySplitGRPOConfig`):
+            The training configuration.
+
+    Returns:
+        `dict`: format version, paper, modes (name -> system prompt and purpose) and training hyper-parameters.
+    """
+    from . import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "library": f"policy-split-trl {__version__}",
+        "paper": "arXiv:2604.11510",
+        "modes": {
+            NORMAL_MODE: {"system_prompt": None, "purpose": MODE_PURPOSES[NORMAL_MODE]},
+            HIGH_ENTROPY_MODE: {
+                "system_prompt": args.high_entropy_system_prompt,
+                "purpose": MODE_PURPOSES[HIGH_ENTROPY_MODE],
+            },
+        },
+        "training": {name: getattr(args, name) for name in _TRAINING_FIELDS if hasattr(args, name)},
+    }
+
+
+def write_policy_split_json(output_dir: str, args: Any) -> str:
+    """Write `policy_split.json` for `args` into `output_dir`; returns its path."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, POLICY_SPLIT_FILE)
+    with open(path, "w") as f:
+        json.dump(policy_split_metadata(args), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def load_policy_split_config(model_id: str, revision: str | None = None) -> dict[str, Any]:
+    """
+    Read `policy_split.json` from a local model folder or a Hub repository.
+
+    Args:
+        model_id (`str`):
+            Local folder or Hub id of a model trained with Policy Split.
+        revision (`str`, *optional*):
+            Hub revision.
+
+    Returns:
+        `dict`: the file's content.
+    """
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, POLICY_SPLIT_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{model_id} has no {POLICY_SPLIT_FILE}: was it trained with policy-split-trl?")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model_id, POLICY_SPLIT_FILE, revision=revision)
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{POLICY_SPLIT_FILE} format {meta['format_version']} is newer than this library reads.")
+    return meta
+
+
+def mode_prompts(meta: dict[str, Any]) -> dict[str, str | None]:
+    """Mode name -> system prompt, from `policy_split.json` content (for `apply_mode(..., mode_prompts=...)`)."""
+    return {name: mode["system_prompt"] for name, mode in meta["modes"].items()}
+
+
+def _metrics_table(results: dict[str, Any]) -> str:
+    rows = [
+        "| benchmark | mode | avg@k (%) | pass@k (%) | entropy (bits) | length (tokens) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for benchmark, modes in results.get("per_benchmark", {}).items():
+        for mode, m in modes.items():
+            acc = "–" if m.get("avg_at_k") is None or m["avg_at_k"] != m["avg_at_k"] else f"{100 * m['avg_at_k']:.2f}"
+            best = (
+                "–"
+                if m.get("pass_at_k") is None or m["pass_at_k"] != m["pass_at_k"]
+                else f"{100 * m['pass_at_k']:.2f}"
+            )
+            rows.append(
+                f"| {benchmark} | {mode} | {acc} | {best} | {m['entropy_bits']:.3f} | {m['mean_length']:.1f} |"
+            )
+    return "\n".join(rows)
+
+
+def modes_card_section(meta: dict[str, Any], model_id: str, eval_results: dict[str, Any] | None = None) -> str:
+    """
+    The model card's "Modes" section: what each mode is for, how to call each (transformers and vLLM, with the stored
+    prompt), the training recipe, and the latest per-mode metrics when an evaluation `results.json` is given.
+
+    Args:
+        meta (`dict`):
+            `policy_split.json` content.
+        model_id (`str`):
+            The id users load the model with (Hub id or folder name).
+        eval_results (`dict`, *optional*):
+            Content of a `policy-split-eval` `results.json`.
+
+    Returns:
+        `str`: markdown.
+    """
+    he_prompt = meta["modes"][HIGH_ENTROPY_MODE]["system_prompt"]
+    lines = [
+        "## Modes",
+        "",
+        (
+            "This model was trained with [Policy Split](https://huggingface.co/papers/2604.11510): one set of weights, "
+            "two modes selected by the system prompt. The exact prompts are stored in `policy_split.json`."
+        ),
+        "",
+        "| mode | system prompt | what it is for |",
+        "|---|---|---|",
+    ]
+    for name, mode in meta["modes"].items():
+        prompt = "(none)" if mode["system_prompt"] is None else mode["system_prompt"].replace("|", "\\|")
+        lines.append(f"| `{name}` | {prompt} | {mode['purpose']} |")
+    lines += [
+        "",
+        "### Use either mode with transformers",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "from policy_split_trl import apply_mode",
+        "from policy_split_trl.hub import load_policy_split_config, mode_prompts",
+        "",
+        f'prompts = mode_prompts(load_policy_split_config("{model_id}"))',
+        f'generator = pipeline("text-generation", model="{model_id}")',
+        'messages = [{"role": "user", "content": "How many primes are there below 100?"}]',
+        'print(generator(apply_mode(messages, "normal", prompts), max_new_tokens=512)[0]["generated_text"][-1])',
+        'print(generator(apply_mode(messages, "high_entropy", prompts), max_new_tokens=512)[0]["generated_text"][-1])',
+        "```",
+        "",
+        "### With vLLM",
+        "",
+        "```python",
+        "from vllm import LLM, SamplingParams",
+        "",
+        f'llm = LLM(model="{model_id}")',
+        f"HIGH_ENTROPY = {json.dumps(he_prompt, ensure_ascii=False)}",
+        'messages = [{"role": "system", "content": HIGH_ENTROPY}, {"role": "user", "content": "..."}]',
+        "print(llm.chat(messages, SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=4096)))",
+        "```",
+        "",
+        "### Training recipe",
+        "",
+        "| hyper-parameter | value |",
+        "|---|---|",
+    ]
+    lines += [f"| `{k}` | {v} |" for k, v in meta.get("training", {}).items()]
+    if eval_results:
+        lines += ["", "### Latest evaluation (per mode)", "", _metrics_table(eval_results)]
+    return "\n".join(lines) + "\n"
