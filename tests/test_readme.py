@@ -12,7 +12,7 @@ def snippets():
 
 
 def test_readme_training_example_runs(tmp_path, tiny_model_path, monkeypatch):
-    training, inference = snippets()
+    training, inference, dual_mode = snippets()
     assert '"Qwen/Qwen3-0.6B"' in training and "max_completion_length=1024," in training
     # Same code, CPU-sized: the local tiny model for the Hub id, a few tokens and one step.
     code = training.replace('"Qwen/Qwen3-0.6B"', repr(tiny_model_path)).replace(
@@ -25,6 +25,14 @@ def test_readme_training_example_runs(tmp_path, tiny_model_path, monkeypatch):
     assert namespace["trainer"].state.global_step == 1
     assert "policy_split/high_entropy/rewards/accuracy_reward/mean" in namespace["trainer"].state.log_history[0]
 
+    trainer = namespace["trainer"]
     namespace = {}
     exec(inference, namespace)  # noqa: S102
     assert namespace["messages"][0]["role"] == "system"
+
+    # The inference snippet, on the model the training snippet just trained (saved where the README's path points).
+    assert 'DualModeModel.from_pretrained("outputs/quickstart")' in dual_mode
+    trainer.save_model("outputs/quickstart")
+    namespace = {}
+    exec(dual_mode.replace("max_new_tokens=64", "max_new_tokens=4"), namespace)  # noqa: S102
+    assert namespace["model"].prompts["high_entropy"] == trainer.args.high_entropy_system_prompt
