@@ -43,11 +43,16 @@ class DualModeModel:
         tokenizer: Any,
         prompts: dict[str, str | None] | None = None,
         chat_template_kwargs: dict | None = None,
+        llm: Any = None,
+        lora_request: Any = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = dict(prompts) if prompts else {m: MODE_PROMPTS[m] for m in (NORMAL_MODE, HIGH_ENTROPY_MODE)}
         self.chat_template_kwargs = chat_template_kwargs or {}
+        # With vLLM, `model` is None and generation goes through `llm.chat`.
+        self.llm = llm
+        self.lora_request = lora_request
 
     @classmethod
     def from_pretrained(
@@ -56,16 +61,23 @@ class DualModeModel:
         adapter: str | None = None,
         dtype: str = "auto",
         chat_template_kwargs: dict | None = None,
+        backend: str = "transformers",
     ) -> DualModeModel:
         """
         Load a model (Hub id, folder or `embedded:<name>`, optionally with a LoRA adapter) and the prompts of its
         `policy_split.json` (from the adapter folder if given, else the model). A model without that file gets the
-        paper's prompts, with a warning.
+        paper's prompts, with a warning. `backend="vllm"` (or `"auto"` with vLLM installed and a GPU) generates with
+        vLLM's `LLM.chat`.
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .embedded import resolve_model_id
+        from .eval.backends import vllm_available
+
+        if backend not in ("auto", "transformers", "vllm"):
+            raise ValueError(f"backend must be 'auto', 'transformers' or 'vllm', got {backend!r}.")
+        use_vllm = backend == "vllm" or (backend == "auto" and vllm_available())
 
         path = resolve_model_id(model_id)
         try:
@@ -74,6 +86,16 @@ class DualModeModel:
             logger.warning("%s has no policy_split.json: using the paper's prompts.", adapter or model_id)
             prompts = None
         tokenizer = AutoTokenizer.from_pretrained(adapter or path)
+        if use_vllm:
+            from vllm import LLM
+
+            lora = None
+            if adapter is not None:
+                from vllm.lora.request import LoRARequest
+
+                lora = LoRARequest("adapter", 1, adapter)
+            llm = LLM(model=path, enable_lora=adapter is not None)
+            return cls(None, tokenizer, prompts, chat_template_kwargs, llm=llm, lora_request=lora)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if adapter is not None:
             from peft import PeftModel
@@ -136,6 +158,13 @@ class DualModeModel:
         Returns:
             `str`: the reply text.
         """
+        if self.llm is not None:
+            from vllm import SamplingParams
+
+            params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or -1, max_tokens=max_new_tokens)
+            outputs = self.llm.chat(self.prompt(messages, mode), params, lora_request=self.lora_request,
+                                    chat_template_kwargs=self.chat_template_kwargs or None, use_tqdm=False)  # fmt: skip
+            return outputs[0].outputs[0].text
         inputs = self._inputs(messages, mode)
         out = self.model.generate(**inputs, **self._generation_kwargs(max_new_tokens, temperature, top_p, top_k))
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -149,7 +178,10 @@ class DualModeModel:
         top_p: float = 0.95,
         top_k: int = 20,
     ) -> Iterator[str]:
-        """[`generate`], yielding the reply's text piece by piece as it is produced."""
+        """[`generate`], yielding the reply's text piece by piece as it is produced (all at once with vLLM)."""
+        if self.llm is not None:
+            yield self.generate(messages, mode, max_new_tokens, temperature, top_p, top_k)
+            return
         from transformers import TextIteratorStreamer
 
         inputs = self._inputs(messages, mode)

@@ -66,3 +66,28 @@ def test_chat_cli_in_a_pseudo_terminal(trained_folder):
         child.close()
     assert child.exitstatus == 0
 
+
+def test_loader_with_vllm_calls_llm_chat_with_the_stored_prompt(trained_folder, monkeypatch):
+    """No GPU here: a fake `vllm` module records the chat call."""
+    import types
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen["init"] = kwargs
+
+        def chat(self, messages, params, **kwargs):
+            seen.update(messages=messages, params=params, kwargs=kwargs)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="forty-two")])]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    model = DualModeModel.from_pretrained(trained_folder, backend="vllm")
+    assert model.model is None and seen["init"]["enable_lora"] is False
+    messages = [{"role": "user", "content": "6 x 7?"}]
+    assert model.generate(messages, "high_entropy", max_new_tokens=9, top_k=0) == "forty-two"
+    assert seen["messages"][0] == {"role": "system", "content": PROMPT}
+    assert (seen["params"].max_tokens, seen["params"].top_k) == (9, -1)
+    assert list(model.stream(messages, "normal")) == ["forty-two"] and seen["messages"] == messages

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--top_k", type=int, default=20)
     p.add_argument("--chat_template_kwargs", type=json.loads, default={}, help='JSON, e.g. {"enable_thinking": false}')
+    p.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="transformers",
+                   help="vLLM generates whole replies (no token streaming).")  # fmt: skip
     return p
 
 
@@ -72,7 +74,9 @@ def cli() -> None:
     from policy_split_trl.inference import DualModeModel
 
     args = build_parser().parse_args()
-    model = DualModeModel.from_pretrained(args.model, args.adapter, chat_template_kwargs=args.chat_template_kwargs)
+    model = DualModeModel.from_pretrained(
+        args.model, args.adapter, chat_template_kwargs=args.chat_template_kwargs, backend=args.backend
+    )
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k}  # fmt: skip
     chat(model, args.mode, sampling)
