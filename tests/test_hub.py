@@ -84,3 +84,36 @@ def test_missing_policy_split_json_is_a_clear_error(tmp_path):
         {"modes": {"normal": {"system_prompt": None, "purpose": "p"},
                    "high_entropy": {"system_prompt": "a | b", "purpose": "q"}}}, "m")  # fmt: skip
     assert "a \\| b" in section  # a pipe in a prompt does not break the table
+
+
+def test_push_to_hub_uploads_weights_policy_split_json_and_the_card(tmp_path, tokenizer, monkeypatch):
+    """No Hub here: a fake `hf_api` records what `trainer.push_to_hub()` would upload."""
+    import pathlib
+    import types
+
+    import transformers.trainer
+
+    uploaded = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return types.SimpleNamespace(repo_id=f"me/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded["repo_id"] = repo_id
+            folder = pathlib.Path(folder_path)
+            uploaded["files"] = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=1, high_entropy_system_prompt=PROMPT)
+    trainer.train()
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"per_benchmark": {"gsm8k": {"normal": {
+        "avg_at_k": 0.1, "pass_at_k": 0.2, "entropy_bits": 0.5, "mean_length": 10.0}}}}))  # fmt: skip
+    trainer.push_to_hub(eval_results=str(results))
+    files = uploaded["files"]
+    assert uploaded["repo_id"] == "me/out"
+    assert "model.safetensors" in files
+    assert json.loads(files[POLICY_SPLIT_FILE])["modes"]["high_entropy"]["system_prompt"] == PROMPT
+    card = files["README.md"].decode()
+    assert "## Modes" in card and PROMPT in card and "policy-split" in card and "| gsm8k | normal | 10.00 |" in card
