@@ -65,6 +65,8 @@ class DualModeEvalCallback(TrainerCallback):
             Mode name -> system prompt; defaults to normal and the trainer's `high_entropy_system_prompt`.
         batch_size (`int`, *optional*, defaults to `8`):
             Sequences per generate/score call.
+        chat_template_kwargs (`dict`, *optional*):
+            Passed to the chat template, as in training (e.g. `{"enable_thinking": False}` for Qwen3).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class DualModeEvalCallback(TrainerCallback):
         sampling: SamplingConfig | None = None,
         mode_prompts: dict[str, str | None] | None = None,
         batch_size: int = 8,
+        chat_template_kwargs: dict | None = None,
     ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
@@ -86,6 +89,7 @@ class DualModeEvalCallback(TrainerCallback):
         self.sampling = sampling or SamplingConfig(max_new_tokens=512)
         self.mode_prompts = mode_prompts
         self.batch_size = batch_size
+        self.chat_template_kwargs = chat_template_kwargs or {}
         self.trainer: Any = None
         self.history: list[dict[str, float]] = []
 
@@ -116,7 +120,9 @@ class DualModeEvalCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            backend = TransformersBackend(model, tokenizer, batch_size=self.batch_size)
+            backend = TransformersBackend(
+                model, tokenizer, batch_size=self.batch_size, chat_template_kwargs=self.chat_template_kwargs
+            )
             records = [r for batch in iter_records(config, backend, problems) for r in batch]
         finally:
             model.train(was_training)

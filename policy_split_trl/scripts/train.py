@@ -313,6 +313,7 @@ def main(
         DualModeEvalCallback(
             problems_from_dataset(eval_dataset, kind=kind), every_n_steps=script_args.dual_mode_eval_steps,
             k=script_args.dual_mode_eval_k, sampling=sampling, batch_size=training_args.per_device_eval_batch_size,
+            chat_template_kwargs=training_args.chat_template_kwargs,
         ).attach(trainer)  # fmt: skip
 
     g = training_args.num_generations
