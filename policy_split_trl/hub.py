@@ -97,21 +97,21 @@ def mode_prompts(meta: dict[str, Any]) -> dict[str, str | None]:
 
 
 def _metrics_table(results: dict[str, Any]) -> str:
+    from .eval.report import PERCENT, format_number
+
     rows = [
         "| benchmark | mode | avg@k (%) | pass@k (%) | entropy (bits) | length (tokens) |",
         "|---|---|---|---|---|---|",
     ]
     for benchmark, modes in results.get("per_benchmark", {}).items():
         for mode, m in modes.items():
-            acc = "–" if m.get("avg_at_k") is None or m["avg_at_k"] != m["avg_at_k"] else f"{100 * m['avg_at_k']:.2f}"
-            best = (
-                "–"
-                if m.get("pass_at_k") is None or m["pass_at_k"] != m["pass_at_k"]
-                else f"{100 * m['pass_at_k']:.2f}"
-            )
-            rows.append(
-                f"| {benchmark} | {mode} | {acc} | {best} | {m['entropy_bits']:.3f} | {m['mean_length']:.1f} |"
-            )
+            cells = [
+                format_number(m.get("avg_at_k"), PERCENT),
+                format_number(m.get("pass_at_k"), PERCENT),
+                format_number(m.get("entropy_bits"), digits=3),
+                format_number(m.get("mean_length"), digits=1),
+            ]
+            rows.append(f"| {benchmark} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .eval.report import load_pyplot, save_figure
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE
 
 # (row label, metric key without the "eval_" prefix; `{mode}` is filled in per column)
@@ -70,14 +71,8 @@ def plot_mode_metrics(log_history: list[dict[str, Any]], path: str) -> str | Non
         `str | None`: the path, or `None` when there is nothing to plot or matplotlib is missing.
     """
     logs = [h for h in log_history if "policy_split/normal/reward" in h]
-    if not logs:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = load_pyplot()
+    if not logs or plt is None:
         return None
     steps = [h["step"] for h in logs]
     panels = [
@@ -94,11 +89,7 @@ def plot_mode_metrics(log_history: list[dict[str, Any]], path: str) -> str | Non
     axes[2].plot(steps, [h.get("policy_split/kl_high_entropy_normal", math.nan) for h in logs], marker=".")
     axes[2].set_title("KL(pi_HE || pi) on HE samples")
     axes[2].set_xlabel("step")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path)
 
 
 def write_mode_report(output_dir: str, before: dict, after: dict, reward_names: Sequence[str] = ()) -> str:

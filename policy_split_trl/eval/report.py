@@ -11,7 +11,8 @@ from typing import Any
 PERCENT = 100.0
 
 
-def _num(value: Any, scale: float = 1.0, digits: int = 2) -> str:
+def format_number(value: Any, scale: float = 1.0, digits: int = 2) -> str:
+    """`value * scale` with `digits` decimals; "–" for a missing or NaN value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value * scale:.{digits}f}"
@@ -31,7 +32,7 @@ def table1_markdown(results: dict[str, Any]) -> str:
         cells = []
         for c in columns:
             cell = row.get(c, {})
-            cells += [_num(cell.get("accuracy"), PERCENT), _num(cell.get("entropy_bits"), digits=3)]
+            cells += [format_number(cell.get("accuracy"), PERCENT), format_number(cell.get("entropy_bits"), digits=3)]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -45,8 +46,8 @@ def benchmark_markdown(results: dict[str, Any]) -> str:
     for benchmark, modes in results["per_benchmark"].items():
         for mode, m in modes.items():
             lines.append(
-                f"| {benchmark} | {mode} | {m['problems']} | {_num(m['avg_at_k'], PERCENT)} | "
-                f"{_num(m['pass_at_k'], PERCENT)} | {_num(m['entropy_bits'], digits=3)} | {_num(m['mean_length'], digits=1)}"
+                f"| {benchmark} | {mode} | {m['problems']} | {format_number(m['avg_at_k'], PERCENT)} | "
+                f"{format_number(m['pass_at_k'], PERCENT)} | {format_number(m['entropy_bits'], digits=3)} | {format_number(m['mean_length'], digits=1)}"
                 f" | {m.get('unique_solved', '–')} |"
             )
     return "\n".join(lines)
@@ -63,9 +64,9 @@ def comparison_markdown(results: dict[str, Any]) -> str:
     ]
     for benchmark, mode, c in rows:
         lines.append(
-            f"| {benchmark} | {mode} | {_num(c['abs_delta_accuracy'], PERCENT)} | "
-            f"{_num(c['abs_delta_entropy_bits'], digits=3)} | {_num(c['abs_delta_length'], digits=1)} | "
-            f"{_num(c['kl_mode_normal'], digits=4)} |"
+            f"| {benchmark} | {mode} | {format_number(c['abs_delta_accuracy'], PERCENT)} | "
+            f"{format_number(c['abs_delta_entropy_bits'], digits=3)} | {format_number(c['abs_delta_length'], digits=1)} | "
+            f"{format_number(c['kl_mode_normal'], digits=4)} |"
         )
     return "\n".join(lines)
 
@@ -82,8 +83,8 @@ def creative_markdown(results: dict[str, Any]) -> str:
     for mode, m in creative.items():
         j = judge.get(mode, {})
         lines.append(
-            f"| {mode} | {m['prompts']} | {_num(m['div_ngram'], digits=4)} | {_num(m['div_bleu'], digits=4)} | "
-            f"{_num(j.get('overall'), digits=1)} | {j.get('n_unparseable', '–')} |"
+            f"| {mode} | {m['prompts']} | {format_number(m['div_ngram'], digits=4)} | {format_number(m['div_bleu'], digits=4)} | "
+            f"{format_number(j.get('overall'), digits=1)} | {j.get('n_unparseable', '–')} |"
         )
     return "\n".join(lines)
 
@@ -114,7 +115,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 def plot_entropy_histograms(records: list[dict], modes: list[str], path: str) -> str | None:
     """Histogram of per-token entropies (bits) of each mode's samples, all benchmarks pooled."""
-    plt = _pyplot()
+    plt = load_pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -126,7 +127,7 @@ def plot_entropy_histograms(records: list[dict], modes: list[str], path: str) ->
     ax.set_ylabel("density")
     ax.set_title("Per-token entropy by mode")
     ax.legend()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_accuracy_vs_entropy(results: dict[str, Any], path: str) -> str | None:
@@ -140,7 +141,7 @@ def plot_accuracy_vs_entropy(results: dict[str, Any], path: str) -> str | None:
         ]
         for mode in modes
     }
-    plt = _pyplot()
+    plt = load_pyplot()
     if plt is None or not any(points.values()):
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -157,10 +158,11 @@ def plot_accuracy_vs_entropy(results: dict[str, Any], path: str) -> str | None:
     ax.set_ylabel("avg@k accuracy (%)")
     ax.set_title("Accuracy vs entropy per mode")
     ax.legend()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
-def _pyplot():
+def load_pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend, or `None` when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -171,7 +173,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, plt: Any, path: str) -> str:
+def save_figure(fig: Any, plt: Any, path: str) -> str:
+    """Lay out, write (creating the folder) and close a figure; returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
