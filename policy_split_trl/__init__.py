@@ -1,6 +1,15 @@
 """Policy Split (arXiv 2604.11510) for TRL: dual-mode, entropy-regularized GRPO."""
 
+from .baselines import (
+    ClipCovGRPOConfig,
+    ClipCovGRPOTrainer,
+    EntropyAdvantageGRPOConfig,
+    EntropyAdvantageGRPOTrainer,
+    EntropyDrivenAdvantageGRPOConfig,
+    EntropyDrivenAdvantageGRPOTrainer,
+)
 from .config import PolicySplitGRPOConfig
+from .methods import METHODS, MethodConfig, apply_method
 from .modes import (
     HIGH_ENTROPY_MODE,
     HIGH_ENTROPY_SYSTEM_PROMPT,
@@ -19,11 +28,20 @@ __all__ = [
     "HIGH_ENTROPY_MODE",
     "HIGH_ENTROPY_SYSTEM_PROMPT",
     "LOW_ENTROPY_SYSTEM_PROMPT",
+    "METHODS",
     "MODE_PROMPTS",
     "NORMAL_MODE",
     "REWRITTEN_HIGH_ENTROPY_SYSTEM_PROMPT",
+    "ClipCovGRPOConfig",
+    "ClipCovGRPOTrainer",
+    "EntropyAdvantageGRPOConfig",
+    "EntropyAdvantageGRPOTrainer",
+    "EntropyDrivenAdvantageGRPOConfig",
+    "EntropyDrivenAdvantageGRPOTrainer",
+    "MethodConfig",
     "PolicySplitGRPOConfig",
     "PolicySplitGRPOTrainer",
+    "apply_method",
     "apply_mode",
     "apply_system_prompt",
 ]

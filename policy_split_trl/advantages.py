@@ -300,3 +300,168 @@ def forward_kl_estimate(
     valid = mask.bool()
     diff = logps_sampled_mode.to(torch.float64) - logps_other_mode.to(torch.float64)
     return torch.where(valid, diff, 0.0).sum(), valid.sum().to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Baselines of the paper's comparison (Table 1, Appendix B.3). Their trainers are in `policy_split_trl.baselines`.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def entropy_advantage(
+    advantages: torch.Tensor, entropies: torch.Tensor, alpha: float = 0.4, kappa: float = 2.0
+) -> torch.Tensor:
+    """
+    Entropy advantage of Cheng et al. 2025 ("Reasoning with Exploration: An Entropy Perspective", arXiv 2506.14758):
+    `A_t + min(alpha * detach(H_t), |A| / kappa)`.
+
+    The entropy term is non-negative and capped at `|A|/kappa` with `kappa > 1`, so it never flips the sign of `A` and
+    is 0 where `A = 0`. This is the same clipped term as Policy Split's Eq. 3 in its `inside_clip` reading, with the
+    per-token entropy in place of the normalized bonus, so it is computed by [`clipped_bonus`].
+
+    Args:
+        advantages (`torch.Tensor`):
+            Shape `(B,)`: the GRPO advantages.
+        entropies (`torch.Tensor`):
+            Shape `(B, T)`: per-token entropies `H_t` of the policy (detached here).
+        alpha (`float`, *optional*, defaults to `0.4`):
+            Entropy scale (the paper's baseline setting, App. B.3).
+        kappa (`float`, *optional*, defaults to `2.0`):
+            Cap ratio, `> 1`.
+
+    Returns:
+        `torch.Tensor`: shape `(B, T)`.
+    """
+    if not kappa > 1:
+        raise ValueError(f"kappa must be > 1 (got {kappa}) so that the entropy term never flips the advantage's sign.")
+    bonus = clipped_bonus(advantages, entropies.detach(), alpha, kappa, eta_placement="inside_clip")
+    return advantages.unsqueeze(1).to(bonus.dtype) + bonus
+
+
+def response_mean_entropy(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """
+    Mean token entropy of each response, `P_i = mean_t H_{i,t}` over its real tokens (EDGE-GRPO's response entropy).
+
+    Args:
+        entropies (`torch.Tensor`):
+            Shape `(B, T)`.
+        mask (`torch.Tensor`):
+            Shape `(B, T)`, 1 on completion tokens.
+
+    Returns:
+        `torch.Tensor`: shape `(B,)`; 0 for a response without tokens.
+    """
+    mask = mask.to(entropies.dtype)
+    return (entropies * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def relative_response_entropy(response_entropy: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """
+    EDGE-GRPO's normalized response entropy `P^_i = P_i / mean_{j in group} P_j` (Zhang et al. 2025d, arXiv
+    2507.21848): a ratio to the group mean, not a z-score.
+
+    Both `P_i` and the group mean are floored at `eps`, so a (near-)deterministic response or group never divides by
+    zero.
+
+    Args:
+        response_entropy (`torch.Tensor`):
+            Shape `(N,)`: `P_i` of whole groups, in group order (`N` a multiple of `group_size`).
+        group_size (`int`):
+            Rollouts per query `G`.
+        eps (`float`, *optional*, defaults to `1e-6`):
+            Floor of `P_i` and of the group mean.
+
+    Returns:
+        `torch.Tensor`: shape `(N,)`; its mean over each group is 1 when no `P_i` is below `eps`.
+    """
+    if response_entropy.numel() % group_size:
+        raise ValueError(f"{response_entropy.numel()} responses do not form whole groups of {group_size}.")
+    floored = response_entropy.clamp(min=eps)
+    group_mean = floored.view(-1, group_size).mean(1).repeat_interleave(group_size)
+    return floored / group_mean
+
+
+def entropy_driven_advantages(
+    advantages: torch.Tensor, relative_entropy: torch.Tensor, max_scale: float | None = None
+) -> torch.Tensor:
+    """
+    EDGE-GRPO's entropy-driven advantage `A^_i = A_i / P^_i`: responses that are more confident than their group (lower
+    entropy) get a larger advantage, less confident ones a smaller one; the sign of `A_i` is kept.
+
+    Args:
+        advantages (`torch.Tensor`):
+            Shape `(B,)`: the GRPO advantages `A_i`.
+        relative_entropy (`torch.Tensor`):
+            Shape `(B,)`: `P^_i` from [`relative_response_entropy`], detached.
+        max_scale (`float`, *optional*):
+            Cap on `1 / P^_i`. `None` (default) is the paper's formula.
+
+    Returns:
+        `torch.Tensor`: shape `(B,)`.
+    """
+    scale = 1.0 / relative_entropy.detach()
+    if max_scale is not None:
+        scale = scale.clamp(max=max_scale)
+    return advantages * scale.to(advantages.dtype)
+
+
+def clip_cov_selection(
+    advantages: torch.Tensor,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    clip_ratio: float = 2e-4,
+    cov_lower: float = 1.0,
+    cov_upper: float = 5.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """
+    Clip-Cov's token selection (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language
+    Models", arXiv 2505.22617; as in PRIME-RL/Entropy-Mechanism-of-RL's `compute_policy_loss_clip_cov`): the tokens
+    whose policy-gradient loss is dropped.
+
+    Per valid token, `cov = (A - mean A) * (log pi - mean log pi)` with both means over the valid tokens of the batch.
+    Tokens the PPO clip already cuts off are not candidates; candidates have `cov_lower < cov < cov_upper`. Of them,
+    `max(1, int(clip_ratio * #valid tokens))` are picked uniformly at random (a fraction of ALL valid tokens, not of the
+    candidates).
+
+    Args:
+        advantages (`torch.Tensor`):
+            Shape `(B,)` or `(B, T)`.
+        logps (`torch.Tensor`):
+            Shape `(B, T)`: log-probs of the current policy (detached here).
+        old_logps (`torch.Tensor`):
+            Shape `(B, T)`: log-probs of the policy that generated the batch.
+        mask (`torch.Tensor`):
+            Shape `(B, T)`, 1 on tokens that count in the loss.
+        epsilon_low, epsilon_high (`float`):
+            The PPO clip range `[1 - epsilon_low, 1 + epsilon_high]`.
+        clip_ratio (`float`, *optional*, defaults to `2e-4`):
+            Fraction of valid tokens to select.
+        cov_lower, cov_upper (`float`, *optional*, defaults to `1.0` and `5.0`):
+            Open interval of covariances that are candidates.
+        generator (`torch.Generator`, *optional*):
+            Random source of the pick (default: torch's global one).
+
+    Returns:
+        `torch.Tensor`: boolean, shape `(B, T)`, True on the selected tokens.
+    """
+    logps = logps.detach()
+    advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand_as(logps).to(logps.dtype)
+    valid = mask.bool()
+    selected = torch.zeros_like(valid)
+    if not valid.any():
+        return selected
+    ratio = torch.exp(logps - old_logps)
+    # Where the clipped surrogate is the larger loss, PPO has already cut the gradient off.
+    clipped_by_ppo = -advantages * torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) > -advantages * ratio
+    cov = (advantages - advantages[valid].mean()) * (logps - logps[valid].mean())
+    candidates = valid & ~clipped_by_ppo & (cov > cov_lower) & (cov < cov_upper)
+    index = candidates.nonzero()
+    if len(index) == 0:
+        return selected
+    num = max(1, int(clip_ratio * valid.sum().item()))
+    pick = index[torch.randperm(len(index), generator=generator)[:num].to(index.device)]
+    selected[pick[:, 0], pick[:, 1]] = True
+    return selected

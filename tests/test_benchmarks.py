@@ -5,15 +5,17 @@ import datasets
 import pytest
 from datasets import Dataset, DatasetDict
 
-from policy_split_trl.data import MATH_TASK_PROMPT, MULTIPLE_CHOICE_TASK_PROMPT
+from policy_split_trl.data import ARITHMETIC_TASK_PROMPT, MATH_TASK_PROMPT, MULTIPLE_CHOICE_TASK_PROMPT
 from policy_split_trl.eval.benchmarks import (
     AIME25_CONFIGS,
+    ARITHMETIC_EVAL_SEED,
     BENCHMARKS,
     TABLE1_COLUMNS,
     Problem,
     gsm8k_final_answer,
     load_aime24,
     load_aime25,
+    load_arithmetic,
     load_benchmark,
     load_creative_writing,
     load_gpqa_diamond,
@@ -23,6 +25,7 @@ from policy_split_trl.eval.benchmarks import (
     multiple_choice_prompt,
     table1_column,
 )
+from policy_split_trl.eval.harness import _grade
 from policy_split_trl.rewards import math_accuracy_reward, multiple_choice_reward
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -102,6 +105,68 @@ def test_gsm8k_final_answer():
     assert gsm8k_final_answer("a #### b\n#### 7 ") == "7"
     with pytest.raises(ValueError, match="####"):
         gsm8k_final_answer("no final line")
+
+
+# ---------------------------------------------------------------- synthetic arithmetic (the quickstart's task)
+
+
+def test_arithmetic_generated_is_fixed_distinct_and_correct():
+    problems = load_arithmetic()
+    assert len(problems) == 100 and load_benchmark("arithmetic") == problems
+    assert load_arithmetic() == problems  # same seed, same problems
+    assert load_arithmetic(limit=7) == problems[:7]  # `limit` is a prefix, as for the other benchmarks
+    assert load_arithmetic(limit=0) == []
+    assert [p.id for p in problems] == [f"arithmetic-{i}" for i in range(100)]
+    questions = [content(p) for p in problems]
+    assert len(set(questions)) == 100
+    # Pinned: the generator and seed must not drift, or resumed evaluations would mix two problem sets.
+    assert ARITHMETIC_EVAL_SEED == 260411510
+    assert [(content(p).rsplit("\n", 1)[1], p.answer) for p in problems[:3]] == [
+        ("What is 18 + 8?", "26"), ("What is 8 + 13?", "21"), ("What is 15 + 20?", "35"),
+    ]  # fmt: skip
+    for problem, text in zip(problems, questions):
+        assert problem.kind == "arithmetic" and problem.benchmark == "arithmetic"
+        prefix, question = text.split("\n\n")
+        assert prefix == ARITHMETIC_TASK_PROMPT  # the prompt training's synthetic:arithmetic uses
+        a, op, b = question.removeprefix("What is ").removesuffix("?").split()
+        assert problem.answer == str(int(a) + int(b) if op == "+" else int(a) - int(b))
+    other = load_arithmetic(seed=1)
+    assert [p.answer for p in other] != [p.answer for p in problems]
+    # 21 x 21 operand pairs x 2 operators: a larger limit stops at every distinct problem.
+    assert len(load_arithmetic(limit=5000)) == 882
+
+
+def test_arithmetic_is_graded_by_the_last_number():
+    problem = next(p for p in load_arithmetic(limit=20) if p.answer == "26")
+    completions = ["26", "18 + 8 = 26", "The answer is 27.", "26, no wait, 25", "\\boxed{26} then 3", "no number"]
+    assert _grade(problem, completions) == [True, True, False, False, True, False]
+
+
+def test_arithmetic_from_a_local_file(tmp_path):
+    training_format = tmp_path / "arith.jsonl"
+    training_format.write_text(
+        json.dumps({"prompt": "What is 2 + 3?", "solution": "5"}) + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "7 - 9 ="}], "solution": -2, "level": 1}) + "\n"
+    )  # fmt: skip
+    first, second = load_arithmetic(str(training_format))
+    assert content(first) == f"{ARITHMETIC_TASK_PROMPT}\n\nWhat is 2 + 3?" and first.answer == "5"
+    assert content(second) == "7 - 9 =" and second.answer == "-2"  # conversational prompts are used as they are
+    assert second.metadata == {"level": 1} and second.id == "arithmetic-1"
+    assert _grade(second, ["-2", "2"]) == [True, False]
+
+    qa_format = tmp_path / "arith_qa.json"
+    qa_format.write_text(json.dumps([{"id": "q1", "question": "What is 4 + 4?", "answer": 8}]))
+    (problem,) = load_benchmark("arithmetic", source=str(qa_format), limit=3)
+    assert (problem.id, problem.answer, content(problem)) == ("q1", "8", f"{ARITHMETIC_TASK_PROMPT}\n\nWhat is 4 + 4?")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "two"}) + "\n")
+    with pytest.raises(ValueError, match="row 0 .* 'two'; arithmetic answers are numbers"):
+        load_arithmetic(str(bad))
+    with pytest.raises(FileNotFoundError, match="no Hub dataset"):
+        load_arithmetic(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="columns found"):
+        load_arithmetic(MATH500)
 
 
 # ---------------------------------------------------------------- Hub loaders, `datasets.load_dataset` faked
@@ -356,7 +421,9 @@ def test_multiple_choice_prompt_layout():
 
 
 def test_registry():
-    assert set(BENCHMARKS) == {"math500", "aime24", "aime25", "gpqa_diamond", "mmlu_pro", "gsm8k", "creative_writing"}
+    assert set(BENCHMARKS) == {
+        "math500", "aime24", "aime25", "gpqa_diamond", "mmlu_pro", "gsm8k", "arithmetic", "creative_writing",
+    }  # fmt: skip
     assert load_benchmark("math500", source=MATH500, limit=3) == load_math500(MATH500, limit=3)
     assert load_benchmark("gsm8k", GSM8K_SLICE, 2) == load_gsm8k(GSM8K_SLICE, limit=2)
     with pytest.raises(ValueError, match="Unknown benchmark 'math-500'.*aime24.*math500"):
@@ -371,6 +438,7 @@ def test_table1_column():
     assert table1_column("gpqa_diamond") == "GPQA-Diamond"
     assert table1_column("mmlu_pro") == "MMLU-Pro"
     assert table1_column("gsm8k") is None and table1_column("creative_writing") is None
+    assert table1_column("arithmetic") is None
     assert {table1_column(name) for name in BENCHMARKS} - {None} == set(TABLE1_COLUMNS)
     assert TABLE1_COLUMNS == ["MATH-500", "AIME-24/25", "GPQA-Diamond", "MMLU-Pro"]
     with pytest.raises(ValueError, match="Unknown benchmark"):

@@ -9,11 +9,14 @@ import sys
 
 import pytest
 
+from policy_split_trl.methods import METHODS
 from policy_split_trl.scripts.train import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_RECIPES = sorted(
-    p for p in glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True) if "/accelerate/" not in p
+    p
+    for p in glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True)
+    if "/accelerate/" not in p and "/compare/" not in p
 )
 BIN = os.path.dirname(sys.executable)
 
@@ -43,6 +46,8 @@ def test_recipes_exist():
         "lora/qwen3_0.6b_lora_policy_split.yaml",
         "lora/qwen3_1.7b_lora_policy_split.yaml",
     } <= names
+    # One recipe per baseline and ablation of the comparison; each dry-runs as its method (test below).
+    assert {f"baselines/qwen3_1.7b_{m}.yaml" for m in METHODS if m not in ("grpo", "policy_split")} <= names
     accelerate = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "recipes", "accelerate", "*.yaml"))}
     assert accelerate == {
         "single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp2.yaml",
@@ -61,7 +66,20 @@ def test_every_recipe_dry_runs_offline(recipe, capsys):
     if summary["method"] == "policy_split":
         assert summary["mode_split"]["normal"] + summary["mode_split"]["high_entropy"] == 8
         assert batch["training_rows_per_optimizer_step"] == 2 * batch["rollouts_per_optimizer_step"]
-    if "/paper/" in recipe:
+    if "/baselines/" in recipe:
+        method = os.path.basename(recipe)[len("qwen3_1.7b_") : -len(".yaml")]
+        assert summary["method"] == method
+        dual = METHODS[method].dual_mode
+        assert batch["training_rows_per_optimizer_step"] == batch["rollouts_per_optimizer_step"] * (
+            2 if dual and method != "policy_split_no_sharing" else 1
+        )
+        if not dual and method != "grpo":  # the method's own settings are shown, at the paper's values
+            expected = {"forking_tokens": {"top_entropy_quantile": 0.2}, "entropy_regularization": {"entropy_coef": 0.003},
+                        "entropy_advantage": {"entropy_advantage_alpha": 0.4, "entropy_advantage_kappa": 2.0},
+                        "clip_cov": {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0},
+                        "entropy_driven_advantage": {"edge_epsilon": 1e-6, "edge_max_scale": None}}[method]  # fmt: skip
+            assert summary["method_settings"] == expected
+    if "/paper/" in recipe or "/baselines/" in recipe:
         # 8 GPUs x per-device batch x accumulation = 256 queries x 8 rollouts (the comment in each recipe)
         on_8_gpus = run(["--config", recipe, "--dry_run", "--dry_run_num_processes", "8"])["batch"]
         assert on_8_gpus["processes"] == 8

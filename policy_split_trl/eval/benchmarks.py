@@ -1,14 +1,17 @@
 """Evaluation benchmarks of the paper (SPEC §4) in one representation: MATH-500, AIME-24/25, GPQA-Diamond, MMLU-Pro
-(Table 1), the 13 creative-writing prompts (Table 2), and GSM8K for a quick demo evaluation.
+(Table 1), the 13 creative-writing prompts (Table 2), GSM8K for a quick demo evaluation, and held-out synthetic
+arithmetic for the offline quickstart.
 
 Every loader returns a `list[Problem]`: a one-turn conversational prompt with the task prompt of App. C.1, the gold
 answer the rewards of `policy_split_trl.rewards` grade against (`math_accuracy_reward` for `kind="math"`,
-`multiple_choice_reward` for `kind="multiple_choice"`), and the source row's extra fields in `metadata`.
+`multiple_choice_reward` for `kind="multiple_choice"`, `arithmetic_reward` for `kind="arithmetic"`), and the source
+row's extra fields in `metadata`.
 
 By default each loader reads its Hub dataset (ids, configs and splits below, each checked against the dataset card
 and public evaluation suites that load it). `source` may instead be a local json/jsonl/parquet/csv file in that
 benchmark's Hub column format (the offline MATH-500, AIME-24 and GSM8K files under `tests/data/` are), or the Hub id
-of a mirror with the same columns (its default config; the benchmark's split, or its only one).
+of a mirror with the same columns (its default config; the benchmark's split, or its only one). Synthetic arithmetic
+has no Hub dataset: it is generated from a fixed seed, or read from a local file.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from typing import Any, Literal
 
 import datasets
 
-from ..data import LOCAL_FORMATS, load_local_file, task_prompt
+from ..data import LOCAL_FORMATS, load_local_file, synthetic_arithmetic, task_prompt
 
-ProblemKind = Literal["math", "multiple_choice", "creative"]
+ProblemKind = Literal["math", "multiple_choice", "arithmetic", "creative"]
 
 # Hub datasets. MATH-500 (test, 500 rows): problem, solution, answer, subject, level, unique_id (dataset card).
 MATH500_DATASET = "HuggingFaceH4/MATH-500"
@@ -47,9 +50,14 @@ MMLU_PRO_DATASET = "TIGER-Lab/MMLU-Pro"
 # GSM8K, config main (test, 1319 rows): question, answer (worked solution ending in "#### N").
 GSM8K_DATASET = "openai/gsm8k"
 GSM8K_CONFIG = "main"
+# Held-out synthetic arithmetic: its own seed, so that it is not the `test` split a training run with seed 42 draws
+# (`synthetic:arithmetic` uses seeds `seed` and `seed + 1`); 100 distinct problems unless `limit` says otherwise.
+ARITHMETIC_EVAL_SEED = 2604_11510
+ARITHMETIC_EVAL_SIZE = 100
 
 TABLE1_COLUMNS = ["MATH-500", "AIME-24/25", "GPQA-Diamond", "MMLU-Pro"]
-# AIME-24 and AIME-25 are one merged column of Table 1 (SPEC §4); GSM8K and creative writing are not in Table 1.
+# AIME-24 and AIME-25 are one merged column of Table 1 (SPEC §4); GSM8K, arithmetic and creative writing are not in
+# Table 1.
 _TABLE1_COLUMN_OF = {
     "math500": "MATH-500",
     "aime24": "AIME-24/25",
@@ -57,6 +65,7 @@ _TABLE1_COLUMN_OF = {
     "gpqa_diamond": "GPQA-Diamond",
     "mmlu_pro": "MMLU-Pro",
     "gsm8k": None,
+    "arithmetic": None,
     "creative_writing": None,
 }
 
@@ -78,10 +87,10 @@ class Problem:
         prompt (`list[dict[str, str]]`):
             One user message with the paper's task prompt (App. C.1).
         answer (`str`):
-            Gold answer: a final answer for `"math"`, an uppercase letter for `"multiple_choice"`, `""` for
-            `"creative"`.
+            Gold answer: a final answer for `"math"`, an uppercase letter for `"multiple_choice"`, an integer for
+            `"arithmetic"`, `""` for `"creative"`.
         kind (`str`):
-            `"math"`, `"multiple_choice"` or `"creative"`; says which reward grades it.
+            `"math"`, `"multiple_choice"`, `"arithmetic"` or `"creative"`; says which reward grades it.
         metadata (`dict`):
             Other fields of the source row (subject, level, choices, category, ...).
     """
@@ -507,6 +516,101 @@ def load_gsm8k(source: str | None = None, limit: int | None = None) -> list[Prob
     return problems
 
 
+# A file of arithmetic problems: training's own columns (`prompt`/`solution`) or the usual `question`/`answer`.
+_ARITHMETIC_COLUMNS = {"question": ("prompt", "question"), "answer": ("solution", "answer")}
+
+
+def _distinct_arithmetic(count: int, seed: int) -> list[dict[str, Any]]:
+    # `synthetic_arithmetic` draws with replacement from a small space (21 x 21 x 2 = 882 problems by default), so a
+    # draw repeats problems: keep the first `count` distinct ones. Its rows are a fixed sequence per seed, so a smaller
+    # count is a prefix of a larger one, as `limit` is for the other benchmarks.
+    if count == 0:
+        return []
+    draws, found_before = max(2 * count, 64), -1
+    while True:
+        rows, seen = [], set()
+        drawn = synthetic_arithmetic(draws, seed=seed)
+        for prompt, solution in zip(drawn["prompt"], drawn["solution"], strict=True):  # columns: faster than rows
+            if prompt[-1]["content"] not in seen:
+                seen.add(prompt[-1]["content"])
+                rows.append({"prompt": prompt, "solution": solution})
+                if len(rows) == count:
+                    return rows
+        if len(rows) == found_before:  # 4x the draws found nothing new: every distinct problem is there
+            return rows
+        draws, found_before = 4 * draws, len(rows)
+
+
+def _number_text(value: Any, index: int, source: str) -> str:
+    text = str(value).strip()
+    try:
+        float(text)
+    except ValueError:
+        raise ValueError(
+            f"arithmetic: row {index} of {source} has the answer {value!r}; arithmetic answers are numbers."
+        ) from None
+    return text
+
+
+def load_arithmetic(
+    source: str | None = None, limit: int | None = None, seed: int = ARITHMETIC_EVAL_SEED
+) -> list[Problem]:
+    """
+    Held-out synthetic arithmetic (`"What is 23 - 7?"`), the task of the offline quickstart
+    (`dataset_name: synthetic:arithmetic`): the same generator, operand range and task prompt as training, graded by
+    `arithmetic_reward` (the last number of the completion, or the last boxed one, equals the answer).
+
+    The problems are the first distinct ones that [`~policy_split_trl.data.synthetic_arithmetic`] draws with the fixed
+    `seed` (`ARITHMETIC_EVAL_SEED`, not a seed that training's `synthetic:arithmetic` splits use), 100 of them by
+    default. Held out by seed, not by content: with operands 0-20 there are only 882 distinct problems, so a long
+    training run sees most of them; the benchmark measures the skill on the training distribution.
+
+    Args:
+        source (`str`, *optional*):
+            A local json/jsonl/parquet/csv file with `prompt`/`solution` (training's columns) or `question`/`answer`
+            columns instead; a text question gets the arithmetic task prompt, a conversational one is used as is.
+        limit (`int`, *optional*):
+            Keep the first `limit` problems (up to 882 generated ones without `source`).
+        seed (`int`, *optional*, defaults to `ARITHMETIC_EVAL_SEED`):
+            Seed of the generated problems; the same seed gives the same problems.
+
+    Returns:
+        `list[Problem]`: `kind="arithmetic"`, gold an integer as text.
+    """
+    _check_limit(limit)
+    if source is None:
+        rows = _distinct_arithmetic(ARITHMETIC_EVAL_SIZE if limit is None else limit, seed)
+        return [
+            Problem(
+                benchmark="arithmetic",
+                id=f"arithmetic-{index}",
+                prompt=row["prompt"],
+                answer=row["solution"],
+                kind="arithmetic",
+                metadata={"seed": seed},
+            )
+            for index, row in enumerate(rows)
+        ]
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"No such arithmetic file: {source!r} (arithmetic has no Hub dataset).")
+    dataset = _head(load_local_file(source), limit)
+    columns = _resolve_columns(dataset, "arithmetic", source, _ARITHMETIC_COLUMNS)
+    problems = []
+    for index, row in enumerate(dataset):
+        question, row_id = row[columns["question"]], row.get("id")
+        problems.append(
+            Problem(
+                benchmark="arithmetic",
+                id=str(row_id) if row_id not in (None, "") else f"arithmetic-{index}",
+                prompt=task_prompt(question, "arithmetic") if isinstance(question, str) else question,
+                answer=_number_text(row[columns["answer"]], index, source),
+                kind="arithmetic",
+                metadata=_metadata(row, list(columns.values())),
+            )
+        )
+    return problems
+
+
 def load_creative_writing(limit: int | None = None) -> list[Problem]:
     """
     The 13 creative-writing prompts of the paper (App. C.3, Table 2), each as a user message without a task
@@ -546,6 +650,7 @@ BENCHMARKS: dict[str, Callable[..., list[Problem]]] = {
     "gpqa_diamond": load_gpqa_diamond,
     "mmlu_pro": load_mmlu_pro,
     "gsm8k": load_gsm8k,
+    "arithmetic": load_arithmetic,
     "creative_writing": load_creative_writing,
 }
 
@@ -557,10 +662,10 @@ def load_benchmark(name: str, source: str | None = None, limit: int | None = Non
     Args:
         name (`str`):
             A key of `BENCHMARKS`: `math500`, `aime24`, `aime25`, `gpqa_diamond`, `mmlu_pro`, `gsm8k`,
-            `creative_writing`.
+            `arithmetic`, `creative_writing`.
         source (`str`, *optional*):
-            A local file (or Hub mirror) instead of the default Hub dataset; not accepted for `creative_writing`,
-            whose prompts ship with the package.
+            A local file (or Hub mirror) instead of the default Hub dataset (for `arithmetic`: a local file instead of
+            the generated problems); not accepted for `creative_writing`, whose prompts ship with the package.
         limit (`int`, *optional*):
             Keep the first `limit` problems.
 
@@ -585,7 +690,8 @@ def table1_column(benchmark_name: str) -> str | None:
             A key of `BENCHMARKS`.
 
     Returns:
-        `str` or `None`: one of `TABLE1_COLUMNS`, or `None` for benchmarks outside Table 1 (GSM8K, creative writing).
+        `str` or `None`: one of `TABLE1_COLUMNS`, or `None` for benchmarks outside Table 1 (GSM8K, arithmetic,
+        creative writing).
     """
     if benchmark_name not in _TABLE1_COLUMN_OF:
         raise ValueError(f"Unknown benchmark {benchmark_name!r}; choose one of {sorted(BENCHMARKS)}.")

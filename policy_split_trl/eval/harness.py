@@ -44,7 +44,7 @@ class EvalConfig:
             A PEFT/LoRA adapter folder on top of `model`.
         benchmarks (`list[str]`, *optional*, defaults to `["math500"]`):
             Names from `policy_split_trl.eval.benchmarks.BENCHMARKS` (`math500`, `aime24`, `aime25`, `gpqa_diamond`,
-            `mmlu_pro`, `gsm8k`, `creative_writing`).
+            `mmlu_pro`, `gsm8k`, `creative_writing`, `arithmetic`).
         sources (`dict[str, str]`, *optional*):
             Benchmark name -> local file to load instead of the Hub dataset.
         limit (`int`, *optional*):

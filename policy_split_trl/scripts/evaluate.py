@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hub id, local folder or embedded:<name>.")
     p.add_argument("--adapter", help="PEFT/LoRA adapter folder on top of --model.")
     p.add_argument("--benchmarks", nargs="+", default=["math500"],
-                   help="math500 aime24 aime25 gpqa_diamond mmlu_pro gsm8k creative_writing")  # fmt: skip
+                   help="math500 aime24 aime25 gpqa_diamond mmlu_pro gsm8k arithmetic creative_writing")  # fmt: skip
     p.add_argument("--source", action="append", metavar="BENCHMARK=FILE", help="Local file for a benchmark.")
     p.add_argument("--limit", type=int, help="First N problems of each benchmark.")
     p.add_argument("--limit_for", action="append", metavar="BENCHMARK=N", help="First N problems of one benchmark.")

@@ -5,8 +5,8 @@
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m policy_split_trl.scripts.train \\
         --config recipes/paper/qwen3_1.7b_policy_split.yaml
 
-Arguments are those of `PolicySplitScriptArguments` (below), `PolicySplitGRPOConfig` (every `GRPOConfig` and
-`TrainingArguments` flag) and TRL's `ModelConfig` (model id, dtype, LoRA, 4/8-bit), as in TRL's `trl/scripts/grpo.py`.
+Arguments are those of `PolicySplitScriptArguments` (below), `MethodConfig` (every `GRPOConfig` and
+`TrainingArguments` flag, plus those of Policy Split and of the baselines) and TRL's `ModelConfig` (model id, dtype, LoRA, 4/8-bit), as in TRL's `trl/scripts/grpo.py`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from typing import Any
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from policy_split_trl.config import PolicySplitGRPOConfig
 from policy_split_trl.data import LOCAL_FORMATS
-
-METHODS = ("policy_split", "grpo")
+from policy_split_trl.methods import METHODS, MethodConfig, apply_method, method_settings
 
 
 @dataclass
@@ -33,7 +31,10 @@ class PolicySplitScriptArguments(ScriptArguments):
 
     Args:
         method (`str`, *optional*, defaults to `"policy_split"`):
-            `"policy_split"` or `"grpo"` (the baseline: TRL's `GRPOTrainer` with the same settings).
+            A method of [`~policy_split_trl.methods.METHODS`]: `policy_split`, `grpo` (TRL's `GRPOTrainer`), the
+            baselines `entropy_regularization`, `forking_tokens`, `entropy_advantage`, `clip_cov`,
+            `entropy_driven_advantage`, or the ablations `grpo_rollout_sharing`, `policy_split_no_sharing`. The same
+            recipe runs any of them; each applies its paper hyper-parameters where the recipe leaves the default.
         reward_funcs (`list[str]`, *optional*, defaults to `["accuracy"]`):
             Reward functions by name (`accuracy`, `reasoning_accuracy`, `multiple_choice`, `arithmetic`,
             `think_format`) or dotted import path.
@@ -70,7 +71,7 @@ class PolicySplitScriptArguments(ScriptArguments):
 
     method: str = field(
         default="policy_split",
-        metadata={"help": "'policy_split' or 'grpo' (TRL's GRPOTrainer, the baseline).", "choices": list(METHODS)},
+        metadata={"help": "Method to train with (see policy_split_trl.methods.METHODS).", "choices": list(METHODS)},
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
@@ -151,11 +152,11 @@ def load_split(script_args: PolicySplitScriptArguments, split: str, max_samples:
     )
 
 
-def batch_arithmetic(args: PolicySplitGRPOConfig, method: str, world_size: int | None = None) -> dict[str, Any]:
+def batch_arithmetic(args: MethodConfig, method: str, world_size: int | None = None) -> dict[str, Any]:
     """How one optimizer step maps onto processes x per-device batch x accumulation, in rollouts and queries."""
     world_size = world_size or args.world_size
     rollouts = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
-    sharing = method == "policy_split" and args.rollout_sharing
+    sharing = METHODS[method].dual_mode and args.rollout_sharing
     return {
         "processes": world_size,
         "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -188,7 +189,7 @@ def _count_parameters(model_path: str, model_args: ModelConfig, peft_config: Any
 
 
 def dry_run_summary(
-    script_args: PolicySplitScriptArguments, training_args: PolicySplitGRPOConfig, model_args: ModelConfig
+    script_args: PolicySplitScriptArguments, training_args: MethodConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
     """Build everything that does not need the weights and return (and print) what a run would do."""
     from trl import get_peft_config
@@ -217,7 +218,7 @@ def dry_run_summary(
             raise
         summary["dataset_status"] = f"remote, not loaded ({type(error).__name__})"
     g, k = training_args.num_generations, training_args.num_high_entropy_generations
-    if script_args.method == "policy_split":
+    if METHODS[script_args.method].dual_mode:
         summary["mode_split"] = {"normal": g - k, "high_entropy": k, "rollout_sharing": training_args.rollout_sharing}
         summary["bonus"] = {
             "eta": training_args.eta,
@@ -226,6 +227,10 @@ def dry_run_summary(
             "normal_eta": training_args.normal_eta,
             "eta_placement": training_args.eta_placement,
         }
+    else:
+        settings = method_settings(script_args.method, training_args)
+        if settings:
+            summary["method_settings"] = settings
     summary["num_generations"] = g
     summary["batch"] = batch_arithmetic(training_args, script_args.method, script_args.dry_run_num_processes)
     # Without the dataset (remote), `max_train_samples` still gives the number of prompts a run will see.
@@ -248,16 +253,14 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def main(
-    script_args: PolicySplitScriptArguments, training_args: PolicySplitGRPOConfig, model_args: ModelConfig
-) -> Any:
+def main(script_args: PolicySplitScriptArguments, training_args: MethodConfig, model_args: ModelConfig) -> Any:
     """Run (or with `dry_run`, describe) one training job; returns the trainer, or the dry-run summary."""
-    from trl import GRPOTrainer, get_peft_config, get_quantization_config
+    from trl import get_peft_config, get_quantization_config
 
     from policy_split_trl.embedded import resolve_model_id
     from policy_split_trl.report import mode_table, plot_mode_metrics, write_mode_report
-    from policy_split_trl.trainer import PolicySplitGRPOTrainer
 
+    apply_method(script_args.method, training_args)
     if script_args.mode_prompt_file:
         with open(script_args.mode_prompt_file) as f:
             prompt = f.read().strip()
@@ -288,7 +291,7 @@ def main(
         if needs_eval
         else None
     )
-    trainer_cls = PolicySplitGRPOTrainer if script_args.method == "policy_split" else GRPOTrainer
+    trainer_cls = METHODS[script_args.method].trainer_class()
     trainer = trainer_cls(
         model=model_path,
         reward_funcs=load_reward_funcs(script_args),
@@ -320,7 +323,7 @@ def main(
     split = (
         f"{g - training_args.num_high_entropy_generations} normal + {training_args.num_high_entropy_generations} "
         "high-entropy"
-        if script_args.method == "policy_split"
+        if METHODS[script_args.method].dual_mode
         else "one mode"
     )
     trainer.accelerator.print(
@@ -350,7 +353,7 @@ def main(
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((PolicySplitScriptArguments, PolicySplitGRPOConfig, ModelConfig), prog=prog)
+    return TrlParser((PolicySplitScriptArguments, MethodConfig, ModelConfig), prog=prog)
 
 
 def _dry_run_requested(argv: list[str]) -> bool:

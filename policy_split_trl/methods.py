@@ -1,0 +1,198 @@
+"""
+The methods of the paper's comparison (Table 1, Table 4, Appendix B.3) by name, so that a baseline is one flag away:
+`policy-split-train --config <recipe> --method clip_cov`.
+
+A method is a trainer class plus the settings that make it that method. Where TRL already implements a baseline
+(entropy regularization: `entropy_coef`; forking tokens only: `top_entropy_quantile`) the method is only settings on
+TRL's `GRPOTrainer`; the others are the small trainers of [`policy_split_trl.baselines`].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .baselines import ClipCovGRPOConfig, EntropyAdvantageGRPOConfig, EntropyDrivenAdvantageGRPOConfig
+from .config import PolicySplitGRPOConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """
+    One method of the comparison.
+
+    Args:
+        name (`str`):
+            Registry name (`--method`).
+        label (`str`):
+            Its row name in the paper's Table 1 / Table 4.
+        trainer (`str`):
+            Dotted path of the trainer class.
+        fixed (`dict[str, Any]`):
+            Settings that define the method (e.g. `eta=0` for "GRPO w/ sharing"). A conflicting value set by the user
+            is an error, not silently replaced.
+        defaults (`dict[str, Any]`):
+            The method's paper hyper-parameters, applied where the user left the field at its default.
+        dual_mode (`bool`):
+            Trained with the high-entropy prompt, so both modes are worth evaluating.
+        reference (`str`):
+            Where the method comes from.
+    """
+
+    name: str
+    label: str
+    trainer: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    dual_mode: bool = False
+    reference: str = ""
+
+    def trainer_class(self) -> type:
+        module, _, name = self.trainer.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+_GRPO = "trl.GRPOTrainer"
+_POLICY_SPLIT = "policy_split_trl.trainer.PolicySplitGRPOTrainer"
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("grpo", "GRPO", _GRPO, reference="Shao et al. 2024 (TRL's GRPOTrainer)"),
+        MethodSpec(
+            "forking_tokens",
+            "w/ Forking Token Only",
+            _GRPO,
+            defaults={"top_entropy_quantile": 0.2},
+            reference="Wang et al. 2025b: gradients only through the top-20% entropy tokens (TRL's top_entropy_quantile)",
+        ),
+        MethodSpec(
+            "clip_cov",
+            "w/ Clip-Cov",
+            "policy_split_trl.baselines.ClipCovGRPOTrainer",
+            reference="Cui et al. 2025, 'The Entropy Mechanism of RL for Reasoning LMs' (PRIME-RL/Entropy-Mechanism-of-RL)",
+        ),
+        MethodSpec(
+            "entropy_driven_advantage",
+            "w/ Ent Driven Adv",
+            "policy_split_trl.baselines.EntropyDrivenAdvantageGRPOTrainer",
+            reference="Zhang et al. 2025d, EDGE-GRPO (signal level: entropy-driven advantage only)",
+        ),
+        MethodSpec(
+            "entropy_regularization",
+            "w/ Ent Regularization",
+            _GRPO,
+            defaults={"entropy_coef": 0.003},
+            reference="Schulman et al. 2017; loss coefficient 0.003 as in App. B.3 (TRL's entropy_coef)",
+        ),
+        MethodSpec(
+            "entropy_advantage",
+            "w/ Ent Advantage",
+            "policy_split_trl.baselines.EntropyAdvantageGRPOTrainer",
+            reference="Cheng et al. 2025, 'Reasoning with Exploration: An Entropy Perspective' (alpha 0.4, kappa 2)",
+        ),
+        MethodSpec(
+            "policy_split",
+            "Policy Split",
+            _POLICY_SPLIT,
+            dual_mode=True,
+            reference="arXiv 2604.11510 (Eq. 10, rollout sharing)",
+        ),
+        MethodSpec(
+            "policy_split_no_sharing",
+            "Policy Split w/o sharing",
+            _POLICY_SPLIT,
+            fixed={"rollout_sharing": False},
+            dual_mode=True,
+            reference="arXiv 2604.11510, Eq. 9 (Table 4 ablation)",
+        ),
+        MethodSpec(
+            "grpo_rollout_sharing",
+            "GRPO w/ sharing",
+            _POLICY_SPLIT,
+            fixed={"eta": 0.0, "normal_eta": 0.0, "rollout_sharing": True},
+            dual_mode=True,
+            reference="arXiv 2604.11510, Table 4: both modes and rollout sharing, no entropy bonus",
+        ),
+    )
+}
+
+
+@dataclass
+class MethodConfig(
+    PolicySplitGRPOConfig, EntropyAdvantageGRPOConfig, ClipCovGRPOConfig, EntropyDrivenAdvantageGRPOConfig
+):
+    """
+    Every method's settings in one dataclass: all of [`~trl.GRPOConfig`], [`PolicySplitGRPOConfig`],
+    [`EntropyAdvantageGRPOConfig`], [`ClipCovGRPOConfig`] and [`EntropyDrivenAdvantageGRPOConfig`]. This is what
+    `policy-split-train` parses, so one recipe can run any method; each trainer reads only its own fields.
+    """
+
+
+def apply_method(method: str, args: Any) -> Any:
+    """
+    Make `args` the settings of `method`: its defining settings (`fixed`) and, where the user left a field at its
+    default, its paper hyper-parameters (`defaults`).
+
+    Args:
+        method (`str`):
+            A key of `METHODS`.
+        args (`MethodConfig` or any config with the method's fields):
+            Parsed settings; changed in place and returned.
+
+    Returns:
+        The same `args`.
+
+    Raises:
+        `ValueError`: unknown method, or a setting that contradicts the method (e.g. `eta: 0.05` with
+        `grpo_rollout_sharing`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
+    spec = METHODS[method]
+    field_defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(type(args))
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    for name, value in spec.fixed.items():
+        current = getattr(args, name)
+        if current != value and current != field_defaults.get(name):
+            raise ValueError(
+                f"--method {method} means {name}={value!r}, but {name}={current!r} is set; remove {name} from the "
+                f"recipe/flags, or pick another method (e.g. policy_split)."
+            )
+        setattr(args, name, value)
+    for name, value in spec.defaults.items():
+        if getattr(args, name) == field_defaults.get(name):
+            setattr(args, name, value)
+    return args
+
+
+def method_settings(method: str, args: Any) -> dict[str, Any]:
+    """
+    The settings that make `method` differ from GRPO, as they stand in `args` (for summaries and the comparison table).
+
+    Args:
+        method (`str`):
+            A key of `METHODS`.
+        args:
+            The run's config.
+
+    Returns:
+        `dict[str, Any]`: the method's fixed and default settings plus the fields its trainer's config adds to
+        `GRPOConfig`.
+    """
+    from trl import GRPOConfig
+
+    spec = METHODS[method]
+    names = list(spec.fixed) + list(spec.defaults)
+    config_class = getattr(spec.trainer_class(), "_config_class", None)
+    if spec.trainer == _POLICY_SPLIT:
+        config_class = PolicySplitGRPOConfig
+    if config_class is not None:
+        grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+        names += [f.name for f in dataclasses.fields(config_class) if f.name not in grpo_fields]
+    return {name: getattr(args, name) for name in dict.fromkeys(names)}
