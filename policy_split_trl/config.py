@@ -43,6 +43,17 @@ class PolicySplitGRPOConfig(GRPOConfig):
         eta_placement (`str`, *optional*, defaults to `"outside_clip"`):
             Where `eta` sits in Eq. 3. `"outside_clip"` is the typeset form `A + eta * clip(B, -|A|/kappa, |A|/kappa)`.
             `"inside_clip"` is the Cheng et al. (2025) reading `A + clip(eta * B, -|A|/kappa, |A|/kappa)`.
+        optimized_step (`bool`, *optional*, defaults to `True`):
+            Same math, less work: each context's rows are run at their own width (no padding to the high-entropy
+            prompt's), the two contexts are trained in separate forward/backward passes (peak activation memory of
+            one context), and on-policy with one micro-batch per generation batch the bonus comes from the loss pass
+            itself instead of a separate scoring pass. `False` runs the straightforward path (a scoring pass for both
+            contexts, one loss pass over all rows), e.g. to check the optimized one against it.
+        bonus_from_loss_pass (`bool`, *optional*, defaults to `True`):
+            With `optimized_step`, on-policy and one micro-batch per generation batch: take the bonus from the loss
+            pass (no scoring pass, fastest), which then trains the HE context in one piece (its rows are longer by the
+            system prompt: more activation memory than GRPO on short rollouts). `False`: a scoring pass gives the
+            bonus and the HE context is trained in chunks of the normal context's size (peak memory near GRPO's).
     """
 
     high_entropy_system_prompt: str = field(
@@ -97,6 +108,22 @@ class PolicySplitGRPOConfig(GRPOConfig):
             "help": "Where eta sits in Eq. 3: 'outside_clip' (A + eta*clip(B, +/-|A|/kappa), as typeset) or "
             "'inside_clip' (A + clip(eta*B, +/-|A|/kappa), Cheng et al. 2025).",
             "choices": list(ETA_PLACEMENTS),
+        },
+    )
+
+    optimized_step: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the scoring pass when the loss pass can give the bonus, cut each context to its own width, "
+            "and train the two contexts in separate forward/backward passes. False: the straightforward path."
+        },
+    )
+
+    bonus_from_loss_pass: bool = field(
+        default=True,
+        metadata={
+            "help": "On-policy: bonus from the loss pass (fastest). False: a scoring pass, and the high-entropy "
+            "context trained in chunks of the normal context's size (peak memory near GRPO's)."
         },
     )
 

@@ -61,6 +61,45 @@ def context_sampling_logps(
     return logps_context + gap
 
 
+def padding_groups(attention_mask: torch.Tensor, logits_to_keep: int, min_saving: float = 0.1) -> list[torch.Tensor]:
+    """
+    Rows of a left-padded batch split into (at most) two groups by where their prompt starts, when running the groups
+    as separate forward passes, each cut to its own width, saves at least `min_saving` of the positions.
+
+    With rollout sharing a micro-batch holds every rollout after the short normal prompt and after the high-entropy
+    system prompt (~100 tokens more); padded together, the normal rows carry that width as padding.
+
+    Args:
+        attention_mask (`torch.Tensor`):
+            Shape `(N, L)`, prompts left-padded, the last `logits_to_keep` columns the completions.
+        logits_to_keep (`int`):
+            Width of the completion part (never cut).
+        min_saving (`float`, *optional*, defaults to `0.1`):
+            Smallest fraction of the `N * L` positions a split must save to be worth a second forward pass.
+
+    Returns:
+        `list[torch.Tensor]`: row indices of each group, sorted (one group: the whole batch).
+    """
+    num_rows, width = attention_mask.shape
+    prompt_width = width - logits_to_keep
+    everything = torch.arange(num_rows, device=attention_mask.device)
+    if num_rows < 2 or prompt_width <= 0:
+        return [everything]
+    prompt = attention_mask[:, :prompt_width].bool()
+    # Columns of left padding before each row's prompt (a row without prompt tokens: all of them).
+    starts = torch.where(prompt.any(1), prompt.float().argmax(1), torch.full_like(everything, prompt_width))
+    order = torch.argsort(starts, stable=True)
+    sorted_starts = starts[order].tolist()
+    best_cost, best_split = num_rows * (width - sorted_starts[0]), None
+    for k in range(1, num_rows):
+        cost = k * (width - sorted_starts[0]) + (num_rows - k) * (width - sorted_starts[k])
+        if cost < best_cost:
+            best_cost, best_split = cost, k
+    if best_split is None or best_cost > (1 - min_saving) * num_rows * (width - sorted_starts[0]):
+        return [everything]
+    return [order[:best_split].sort().values, order[best_split:].sort().values]
+
+
 class PolicySplitGRPOTrainer(GRPOTrainer):
     """
     Trainer for Policy Split: dual-mode, entropy-regularized GRPO (arXiv 2604.11510).
@@ -77,7 +116,10 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
     Without sharing (Eq. 9) each rollout is trained only in the context that generated it. Everything else —
     generation (transformers or vLLM), rewards, the clipped surrogate of every `loss_type`, KL to a reference,
     PEFT, distributed training — is TRL's own. Only three things are added to TRL's generation step: the HE prompt
-    on the HE rollouts, one scoring pass for the other context, and the rows/advantages built from it.
+    on the HE rollouts, the other context's log-probs, and the rows/advantages built from them. With
+    `optimized_step` (default) the other context's log-probs come from the loss pass itself when training is
+    on-policy (no scoring pass), each context runs at its own width, and the contexts are backpropagated one after
+    the other ([`PolicySplitGRPOConfig.optimized_step`]).
 
     Args:
         model, reward_funcs, **kwargs:
@@ -126,6 +168,8 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         self._policy_split_rewards: torch.Tensor | None = None
         self._policy_split_lengths: list[int] | None = None
         self._policy_split_entropies: torch.Tensor | None = None
+        self._loss_inputs: dict[str, Any] | None = None
+        self._deferred_normal: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ what a saved model carries
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -194,32 +238,215 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _get_per_token_logps_and_entropies(
-        self, *args: Any, **kwargs: Any
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        batch_size: int | None = None,
+        compute_entropy: bool = False,
+        compute_aux_loss: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        def forward(rows: torch.Tensor | None, start: int = 0) -> tuple:
+            all_rows = rows is None or rows.numel() == input_ids.size(0)
+            ids, mask = (input_ids, attention_mask) if all_rows else (input_ids[rows], attention_mask[rows])
+            return super(PolicySplitGRPOTrainer, self)._get_per_token_logps_and_entropies(
+                model, ids[:, start:], mask[:, start:], logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs,
+            )  # fmt: skip
+
+        multimodal = any(value is not None for value in kwargs.values())
+        if not self.args.optimized_step or multimodal:
+            logps, entropies, aux_loss = forward(None)
+        else:
+            # Each context's rows at their own width: no forward pass over the other context's prompt padding.
+            prompt_width = attention_mask.size(1) - logits_to_keep
+            groups = padding_groups(attention_mask, logits_to_keep)
+            parts = [
+                forward(rows, int(attention_mask[rows, :prompt_width].any(0).float().argmax())) for rows in groups
+            ]
+            if len(parts) == 1:
+                logps, entropies, aux_loss = parts[0]
+            else:
+                restore = torch.argsort(torch.cat(groups))
+                logps = torch.cat([p[0] for p in parts])[restore]
+                entropies = torch.cat([p[1] for p in parts])[restore] if compute_entropy else None
+                aux_loss = (
+                    sum(p[2] * len(rows) for p, rows in zip(parts, groups, strict=True)) / input_ids.size(0)
+                    if compute_aux_loss
+                    else None
+                )
         # The loss pass computes per-token entropies; kept so `_compute_loss` can log them per context.
         self._policy_split_entropies = None if entropies is None else entropies.detach()
+        inputs, self._loss_inputs = self._loss_inputs, None  # only the loss pass's own call
+        if inputs is not None and "policy_split_rollout" in inputs:
+            inputs["advantages"] = self._bonus_from_loss_pass(inputs, logps.detach())
         return logps, entropies, aux_loss
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        loss = super()._compute_loss(model, inputs)
-        context, entropies = inputs.get("policy_split_context"), self._policy_split_entropies
-        if context is not None and entropies is not None:
-            mask = (
-                inputs["completion_mask"]
-                if "tool_mask" not in inputs
-                else inputs["completion_mask"] * inputs["tool_mask"]
-            )
-            mode = "train" if self.model.training else "eval"
-            sums = []
-            for ctx in (NORMAL_CONTEXT, HIGH_ENTROPY_CONTEXT):
-                ctx_mask = mask * (context == ctx).unsqueeze(1)
-                sums += [(entropies * ctx_mask).sum(), ctx_mask.sum()]
-            totals = self.accelerator.reduce(torch.stack(sums).float(), reduction="sum").tolist()
-            for name, (total, count) in zip(("normal_context", "high_entropy_context"), (totals[:2], totals[2:])):
-                if count > 0:
-                    self._metrics[mode][f"policy_split/entropy/{name}"].append(total / count)
+        context = inputs.get("policy_split_context")
+        if context is not None and self._train_contexts_separately(model, context):
+            loss = self._compute_loss_by_context(model, inputs, context)
+        else:
+            # A copy: the loss pass may complete the advantages, and the same micro-batch can be trained again.
+            self._loss_inputs = dict(inputs)
+            try:
+                loss = super()._compute_loss(model, self._loss_inputs)
+            finally:
+                self._loss_inputs = None
+        self._log_context_entropies(inputs, context)
         return loss
+
+    def _log_context_entropies(self, inputs: dict[str, Any], context: torch.Tensor | None) -> None:
+        entropies, self._policy_split_entropies = self._policy_split_entropies, None
+        if context is None or entropies is None:
+            return
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
+        mode = "train" if self.model.training else "eval"
+        sums = []
+        for ctx in (NORMAL_CONTEXT, HIGH_ENTROPY_CONTEXT):
+            ctx_mask = mask * (context == ctx).unsqueeze(1)
+            sums += [(entropies * ctx_mask).sum(), ctx_mask.sum()]
+        totals = self.accelerator.reduce(torch.stack(sums).float(), reduction="sum").tolist()
+        for name, (total, count) in zip(("normal_context", "high_entropy_context"), (totals[:2], totals[2:])):
+            if count > 0:
+                self._metrics[mode][f"policy_split/entropy/{name}"].append(total / count)
+
+    # ------------------------------------------------------------------ the optimized step (`optimized_step`)
+    def _train_contexts_separately(self, model: torch.nn.Module, context: torch.Tensor) -> bool:
+        """Forward/backward each context's rows on their own (peak activation memory of one context, not both)."""
+        args = self.args
+        return (
+            args.optimized_step
+            and model.training
+            and torch.is_grad_enabled()
+            and bool((context == NORMAL_CONTEXT).any() and (context == HIGH_ENTROPY_CONTEXT).any())
+            # A second backward inside one micro-step is plain gradient accumulation for DDP (under no_sync); ZeRO and
+            # FSDP reduce gradients in their own hooks, and the entropy terms below are means over the whole batch.
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            and not self._entropy_bonus_enabled
+            and self.top_entropy_quantile >= 1.0
+            and not self.aux_loss_enabled
+            and args.normal_eta == 0.0
+        )
+
+    @staticmethod
+    def _select_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+        num_rows = inputs["completion_ids"].size(0)
+        return {
+            key: value[rows]
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == num_rows
+            else value
+            for key, value in inputs.items()
+        }
+
+    def _loss_share(self, part: dict[str, Any], inputs: dict[str, Any]) -> float:
+        """Weight of a row subset's loss in the whole micro-batch's loss, by how each `loss_type` normalizes."""
+        if self.loss_type in ("dapo", "cispo", "vespo"):  # a sum divided by a batch-independent count
+            return 1.0
+        if self.loss_type == "bnpo":  # a token mean over the micro-batch
+            mask = "completion_mask"
+            return part[mask].sum().item() / max(inputs[mask].sum().item(), 1.0)
+        return part["completion_ids"].size(0) / inputs["completion_ids"].size(0)  # a mean over rows
+
+    def _compute_loss_by_context(
+        self, model: torch.nn.Module, inputs: dict[str, Any], context: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        The micro-batch's loss as several forward/backward passes: the normal-context rows, then the HE-context rows,
+        in chunks of about the normal rows' size when their advantages are already complete (a deferred bonus needs
+        all HE rows in one pass). Every part but the last is backpropagated here (gradient accumulation within the
+        step), the last part's loss is returned for the trainer's backward. The weighted parts sum to the whole
+        batch's loss; the gradient is the same, the peak activation memory about that of one normal-context batch.
+        """
+        normal_rows = torch.nonzero(context == NORMAL_CONTEXT).squeeze(1)
+        he_rows = torch.nonzero(context == HIGH_ENTROPY_CONTEXT).squeeze(1)
+        parts = [normal_rows]
+        if "policy_split_rollout" in inputs:
+            parts.append(he_rows)
+        else:
+            # Chunks of HE rows with about as many (unpadded-width) positions as the normal rows.
+            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            prompt_width = inputs["prompt_mask"].size(1)
+
+            def positions(rows: torch.Tensor) -> int:
+                start = int(mask[rows, :prompt_width].any(0).float().argmax())
+                return rows.numel() * (mask.size(1) - start)
+
+            num_chunks = min(he_rows.numel(), max(1, math.ceil(positions(he_rows) / max(positions(normal_rows), 1))))
+            parts += list(he_rows.tensor_split(num_chunks))
+        entropies = []
+        losses = []
+        for index, rows in enumerate(parts):
+            part = self._select_rows(inputs, rows)
+            self._loss_inputs = part
+            try:
+                loss = super()._compute_loss(model, part) * self._loss_share(part, inputs)
+            finally:
+                self._loss_inputs = None
+            entropies.append(self._policy_split_entropies)
+            if index < len(parts) - 1:
+                # Nothing later needs this part's graph (normal rows: normal_eta = 0), so its activations go now.
+                with self.accelerator.no_sync(model):
+                    self.accelerator.backward(loss)
+                loss = loss.detach()
+            losses.append(loss)
+        self._deferred_normal = None
+        if all(e is not None for e in entropies):
+            restore = torch.argsort(torch.cat(parts))
+            self._policy_split_entropies = torch.cat(entropies)[restore]
+        return sum(losses[1:], losses[0])
+
+    def _bonus_from_loss_pass(self, inputs: dict[str, Any], logps: torch.Tensor) -> torch.Tensor:
+        """
+        Advantages of the rows of a loss pass whose bonus was deferred from the generation step: on-policy
+        (`num_iterations` 1, one micro-batch per generation batch), this pass's log-probs are the old policy's, so no
+        separate scoring pass is needed. Needs both contexts of every rollout: in this pass, or the normal context's
+        from the pass just before (`_compute_loss_by_context`).
+        """
+        context, rollout = inputs["policy_split_context"], inputs["policy_split_rollout"]
+        advantages = inputs["advantages"]
+        is_normal_row = context == NORMAL_CONTEXT
+        if bool(is_normal_row.all()):  # the first of two passes: keep the normal context's log-probs for the second
+            self._deferred_normal = (rollout, logps)
+            return advantages
+        he_rows = torch.nonzero(~is_normal_row).squeeze(1)
+        he_rows = he_rows[torch.argsort(rollout[he_rows])]
+        if bool(is_normal_row.any()):
+            normal_rollout, normal_logps = rollout, logps
+            normal_rows = torch.nonzero(is_normal_row).squeeze(1)
+        else:
+            normal_rollout, normal_logps = self._deferred_normal
+            normal_rows = torch.arange(normal_rollout.size(0), device=logps.device)
+        normal_rows = normal_rows[torch.argsort(normal_rollout[normal_rows])]
+        if not torch.equal(normal_rollout[normal_rows], rollout[he_rows]):
+            raise RuntimeError("Policy Split: a loss pass does not hold both contexts of its rollouts.")
+        # In rollout order (the generation step's): rows of the same rollout, one per context, share their tokens.
+        logps_he, logps_normal = logps[he_rows], normal_logps[normal_rows]
+        is_he = inputs["policy_split_generated_he"][he_rows]
+        mask = inputs["completion_mask"][he_rows]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"][he_rows]
+        base = advantages[he_rows, 0]
+        mode = "train" if self.model.training else "eval"
+        group_size = self._mode_split(mode)[0]
+        normalized = self._normalize_bonus(dual_mode_bonus(logps_he, logps_normal, self.args.alpha), mask, group_size)
+        args = self.args
+        adv_he = entropy_regularized_advantages(base, normalized, args.eta, args.kappa, args.eta_placement)
+        shaped = advantages.clone()
+        shaped[he_rows] = adv_he.to(shaped.dtype)
+        if bool(is_normal_row.any()) and args.normal_eta != 0.0:
+            adv_normal = entropy_regularized_advantages(
+                base, normalized, args.normal_eta, args.kappa, args.eta_placement
+            )
+            shaped[normal_rows] = adv_normal.to(shaped.dtype)
+        self._log_bonus_metrics(
+            mode, is_he, logps_he, logps_normal, mask, base, normalized, adv_he, torch.ones_like(is_he)
+        )
+        return shaped
 
     # ------------------------------------------------------------------ scoring helpers
     def _left_pad_prompts(self, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +541,11 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         # Log-probs of both contexts under the policy that generated the rollouts. TRL's `old_per_token_logps`
         # already covers the generating context when it exists; otherwise both contexts go through one pass.
         old_gen = output.get("old_per_token_logps")
+        deferred = self._defer_bonus_to_loss_pass(mode, old_gen)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if old_gen is None:
+            if deferred:
+                logps_gen = logps_twin = None  # the loss pass has both contexts' log-probs: no scoring pass
+            elif old_gen is None:
                 logps = self._score(
                     gen_prompt_ids + twin_prompt_ids,
                     completion_ids.repeat(2, 1),
@@ -333,18 +563,24 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             )
 
         he_col = is_he.unsqueeze(1)
-        logps_he = torch.where(he_col, logps_gen, logps_twin)
-        logps_normal = torch.where(he_col, logps_twin, logps_gen)
-
-        # Eq. 6 -> Eq. 4 (exact group statistics from gathered per-row moments) -> Eq. 3.
-        bonus = dual_mode_bonus(logps_he, logps_normal, self.args.alpha)
-        normalized = self._normalize_bonus(bonus, loss_mask, group_size)
         advantages = output["advantages"]
         args = self.args
-        adv_he = entropy_regularized_advantages(advantages, normalized, args.eta, args.kappa, args.eta_placement)
-        adv_normal = entropy_regularized_advantages(
-            advantages, normalized, args.normal_eta, args.kappa, args.eta_placement
-        )
+        self._log_mode_metrics(mode, is_he)
+        if deferred:
+            # Rows as with sharing below; the HE context's advantages are completed by the loss pass, which finds the
+            # twin of each row through `policy_split_rollout`.
+            logps_normal = logps_he = None
+            adv_normal = adv_he = advantages.unsqueeze(1).expand_as(completion_mask).to(torch.float32)
+        else:
+            logps_he = torch.where(he_col, logps_gen, logps_twin)
+            logps_normal = torch.where(he_col, logps_twin, logps_gen)
+            # Eq. 6 -> Eq. 4 (exact group statistics from gathered per-row moments) -> Eq. 3.
+            bonus = dual_mode_bonus(logps_he, logps_normal, args.alpha)
+            normalized = self._normalize_bonus(bonus, loss_mask, group_size)
+            adv_he = entropy_regularized_advantages(advantages, normalized, args.eta, args.kappa, args.eta_placement)
+            adv_normal = entropy_regularized_advantages(
+                advantages, normalized, args.normal_eta, args.kappa, args.eta_placement
+            )
 
         sampling = output.get("sampling_per_token_logps")
         if args.rollout_sharing:
@@ -380,6 +616,9 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
                     torch.full((num_rows,), HIGH_ENTROPY_CONTEXT, device=device),
                 ]
             )
+            if deferred:
+                output["policy_split_rollout"] = global_index.repeat(2)
+                output["policy_split_generated_he"] = is_he.repeat(2)
             he_context_rows = torch.ones_like(is_he)
         else:
             output["advantages"] = torch.where(he_col, adv_he, adv_normal)
@@ -388,26 +627,33 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             output["policy_split_context"] = is_he.long()
             he_context_rows = is_he
 
-        self._log_policy_split_metrics(
-            mode, is_he, logps_he, logps_normal, loss_mask, advantages, normalized, adv_he, he_context_rows
-        )
+        if not deferred:
+            self._log_bonus_metrics(
+                mode, is_he, logps_he, logps_normal, loss_mask, advantages, normalized, adv_he, he_context_rows
+            )
         return output
 
-    # ------------------------------------------------------------------ metrics
-    def _log_policy_split_metrics(
-        self,
-        mode: str,
-        is_he: torch.Tensor,
-        logps_he: torch.Tensor,
-        logps_normal: torch.Tensor,
-        loss_mask: torch.Tensor,
-        advantages: torch.Tensor,
-        normalized: torch.Tensor,
-        adv_he: torch.Tensor,
-        he_context_rows: torch.Tensor,
-    ) -> None:
-        metrics = self._metrics[mode]
+    def _defer_bonus_to_loss_pass(self, mode: str, old_logps: torch.Tensor | None) -> bool:
+        """
+        Whether the loss pass can supply the bonus instead of a scoring pass: on-policy (TRL computed no old log-probs,
+        no vLLM sampler to correct), with sharing (the loss pass sees both contexts of every rollout), and one
+        micro-batch per generation batch (whole groups, every rollout).
+        """
         args = self.args
+        return (
+            args.optimized_step
+            and args.bonus_from_loss_pass
+            and args.rollout_sharing
+            and old_logps is None
+            and not self.use_vllm
+            and not args.use_liger_kernel
+            and (mode == "eval" or args.steps_per_generation == 1)
+        )
+
+    # ------------------------------------------------------------------ metrics
+    def _log_mode_metrics(self, mode: str, is_he: torch.Tensor) -> None:
+        """Reward and completion length per generating mode."""
+        metrics = self._metrics[mode]
         device = self.accelerator.device
         all_is_he = self.accelerator.gather(is_he.long()).bool()
 
@@ -424,6 +670,21 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
                 )
             metrics[f"policy_split/{name}/completion_length"].append(lengths[rows].mean().item())
 
+    def _log_bonus_metrics(
+        self,
+        mode: str,
+        is_he: torch.Tensor,
+        logps_he: torch.Tensor,
+        logps_normal: torch.Tensor,
+        loss_mask: torch.Tensor,
+        advantages: torch.Tensor,
+        normalized: torch.Tensor,
+        adv_he: torch.Tensor,
+        he_context_rows: torch.Tensor,
+    ) -> None:
+        """KL between the modes and the bonus statistics, from both contexts' log-probs of the local rollouts."""
+        metrics = self._metrics[mode]
+        args = self.args
         # KL(pi_HE || pi) on HE-generated tokens (Table 5) and KL(pi || pi_HE) on normal-generated tokens.
         he_mask = loss_mask * is_he.unsqueeze(1)
         normal_mask = loss_mask * (~is_he).unsqueeze(1)

@@ -24,19 +24,20 @@ def main(result_path: str) -> None:
         modes_seen.append(list(policy_split_mode))
         return length_reward(completions)
 
-    args = PolicySplitGRPOConfig(
-        output_dir=os.path.join(os.path.dirname(result_path), "out"),
-        per_device_train_batch_size=2,  # global batch 4 = one group of G = 4, split across the two ranks
-        num_generations=G,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-    )
+    settings = {
+        "output_dir": os.path.join(os.path.dirname(result_path), "out"),
+        "per_device_train_batch_size": 2,  # global batch 4 = one group of G = 4, split across the two ranks
+        "num_generations": G,
+        "max_completion_length": 8,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "seed": 0,
+    }
+    args = PolicySplitGRPOConfig(**settings)
     trainer = PolicySplitGRPOTrainer(
         model=build_model(tokenizer),
         reward_funcs=[recording_reward],
@@ -86,6 +87,24 @@ def main(result_path: str) -> None:
             == trainer.accelerator.gather(out["completion_mask"].sum()).sum().item() // 1
         )
 
+    # The optimized step (bonus from the loss pass, contexts backpropagated separately under DDP's no_sync) trains
+    # exactly like the straightforward path, with the group split across the ranks (float64: see test_optimized_step).
+    initial = build_model(tokenizer).double()
+    finals = []
+    for optimized in (True, False):
+        model = build_model(tokenizer).double()
+        model.load_state_dict(initial.state_dict())
+        output_dir = os.path.join(os.path.dirname(result_path), f"optimized-{optimized}")
+        twin_args = PolicySplitGRPOConfig(**{**settings, "output_dir": output_dir, "max_steps": 2,
+                                             "optimized_step": optimized})  # fmt: skip
+        run = PolicySplitGRPOTrainer(model=model, reward_funcs=[length_reward], args=twin_args,
+                                     train_dataset=arithmetic_dataset(8), processing_class=tokenizer)  # fmt: skip
+        run.train()
+        finals.append(torch.cat([p.detach().flatten() for p in run.model.parameters()]))
+    optimized_max_diff = (finals[0] - finals[1]).abs().max().item()
+    start = torch.cat([p.detach().flatten() for p in initial.parameters()])
+    reference_max_update = (finals[1] - start).abs().max().item()
+
     per_rank = [None, None]
     dist.all_gather_object(
         per_rank,
@@ -104,6 +123,8 @@ def main(result_path: str) -> None:
                 {
                     "world_size": world_size,
                     "eq4_max_diff": eq4_max_diff,
+                    "optimized_max_diff": optimized_max_diff,
+                    "reference_max_update": reference_max_update,
                     "per_rank": per_rank,
                     "global_step": trainer.state.global_step,
                     "logs": logs,

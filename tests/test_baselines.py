@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from tiny_model import arithmetic_dataset, build_model, length_reward
+from tiny_model import arithmetic_dataset, build_model, length_reward, training_args
 from trl import GRPOConfig, GRPOTrainer
 
 from policy_split_trl.advantages import (
@@ -117,20 +117,7 @@ def test_clip_cov_never_selects_tokens_ppo_already_clipped():
 
 # ---------------------------------------------------------------------------------------------------------- trainers
 def base_config(tmp_path, config_class, **kwargs):
-    base = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 8,
-        "num_generations": G,
-        "max_completion_length": 12,
-        "max_steps": 2,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "report_to": "none",
-        "use_cpu": True,
-        "save_strategy": "no",
-        "seed": 0,
-        "temperature": 1.0,
-    }
+    base = training_args(tmp_path / "out", num_generations=G)
     return config_class(**{**base, **kwargs})
 
 

@@ -84,6 +84,8 @@ def test_every_field_has_help():
         "normal_eta",
         "rollout_sharing",
         "eta_placement",
+        "optimized_step",
+        "bonus_from_loss_pass",
     }
     for f in fields(PolicySplitGRPOConfig):
         if f.name in own:

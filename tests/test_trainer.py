@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_model import arithmetic_dataset, build_model, contains_digit_reward, length_reward
+from tiny_model import arithmetic_dataset, build_model, contains_digit_reward, length_reward, training_args
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
@@ -18,22 +18,16 @@ ETA, KAPPA = 0.03, 2.0
 
 
 def config(tmp_path, **kwargs):
-    base = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 8,
-        "num_generations": G,
-        "max_completion_length": 12,
-        "max_steps": 3,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "report_to": "none",
-        "use_cpu": True,
-        "save_strategy": "no",
-        "seed": 0,
-        "eta": ETA,
-        "kappa": KAPPA,
-        "temperature": 1.0,
-    }
+    base = training_args(
+        tmp_path / "out",
+        num_generations=G,
+        max_steps=3,
+        eta=ETA,
+        kappa=KAPPA,
+        # These tests pin down the method on the straightforward path, whose generation step returns the finished
+        # advantages; tests/test_optimized_step.py checks that the default optimized step computes the same.
+        optimized_step=False,
+    )
     base.update(kwargs)
     return PolicySplitGRPOConfig(**base)
 
@@ -123,6 +117,7 @@ PER_MODE_KEYS = [
 
 def check_sharing_output(out, num_rollouts, eta=ETA, kappa=KAPPA, placement="outside_clip"):
     """The SPEC §2.10 invariant on one generation batch with sharing: rows [0, B) normal, [B, 2B) HE context."""
+    assert "policy_split_rollout" not in out, "the optimized step completes the advantages in the loss pass"
     b = num_rollouts
     assert out["prompt_ids"].size(0) == 2 * b
     assert torch.equal(out["completion_ids"][:b], out["completion_ids"][b:])

@@ -130,3 +130,22 @@ def length_reward(completions, **kwargs) -> list[float]:
     """A dense reward: rarely equal within a group, so `A != 0` and the bonus is exercised."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return [len(t) / 100.0 for t in texts]
+
+
+def training_args(output_dir, **overrides) -> dict:
+    """Trainer settings for a quick CPU run on the tiny model: 8 rollouts of 4 per query, 12 tokens, lr 1e-2."""
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 12,
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "seed": 0,
+        "temperature": 1.0,
+        **overrides,
+    }
