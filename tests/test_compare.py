@@ -277,7 +277,10 @@ def test_an_interrupted_training_resumes_from_its_latest_checkpoint(tiny_model_p
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"methods": ["grpo", "grpo_plus"]}, r"Unknown method\(s\) \['grpo_plus'\]; valid methods: \['grpo', "),
+        (
+            {"methods": ["grpo", "grpo_plus"]},
+            r"Unknown method\(s\) \['grpo_plus'\]; valid methods: \['original', 'grpo', ",
+        ),
         ({"methods": ["grpo", "grpo"]}, r"listed twice"),
         ({"train_config": "no_such_recipe.yaml"}, r"train_config '.*no_such_recipe.yaml' does not exist"),
         ({"evaluation": {"temprature": 0.6}}, r"Unknown evaluation key\(s\) \['temprature'\]; valid keys: \["),
@@ -348,3 +351,21 @@ def test_paper_dry_run_with_the_console_script(tmp_path):
                          timeout=300, check=False)  # fmt: skip
     assert bad.returncode == 1 and "policy-split-compare: Unknown method(s) ['ppo']" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_original_model_is_evaluated_without_training(tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    summary = run(["--config", tiny_config(tmp_path, tiny_model_path), "--methods", "original", "grpo",
+                   "--output_dir", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "original (Original): training" not in printed and "[2/2] grpo (GRPO): training" in printed
+    assert not os.path.exists(out / "original" / "model")  # nothing trained, nothing saved
+    rows = summary["rows"]
+    assert [(r["label"], r["mode"], r["train_steps"]) for r in rows] == [
+        ("Original", "normal", 0), ("+ HE prompt", "high_entropy", None), ("GRPO", "normal", 2),
+    ]  # fmt: skip
+    results = json.loads((out / "original" / "eval" / "results.json").read_text())
+    assert results["config"]["model"] == tiny_model_path  # the base model itself
+    assert "| Original |" in (out / "comparison.md").read_text()
+    with pytest.raises(CompareConfigError, match="'original': the base model"):
+        run(["--config", tiny_config(tmp_path, tiny_model_path), "--methods", "orignal", "--output_dir", str(out)])

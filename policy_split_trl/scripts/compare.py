@@ -64,6 +64,8 @@ _DRIVER_EVAL_FIELDS = ("model", "adapter", "output_dir", "modes", "mode_prompts"
 # sample already in generations.jsonl).
 _SAMPLE_FIELDS = ("k", "sampling", "seed", "entropy_temperature", "chat_template_kwargs", "mode_prompts")
 HE_ROW_LABEL = "+ HE prompt"
+# Table 1's "Original" row: the base model, evaluated as it is (normal mode, and with the untrained HE prompt).
+ORIGINAL = "original"
 TRAIN_DONE_FILE = "train_done.json"
 # The request of the training in progress: checkpoints are resumed only by the same request.
 TRAIN_REQUEST_FILE = "train_request.json"
@@ -125,9 +127,12 @@ class CompareConfig:
 
         if not isinstance(self.methods, list) or not self.methods or not all(isinstance(m, str) for m in self.methods):
             raise CompareConfigError(f"`methods` must be a non-empty list of method names, got {self.methods!r}.")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS and m != ORIGINAL]
         if unknown:
-            raise CompareConfigError(f"Unknown method(s) {unknown}; valid methods: {list(METHODS)}.")
+            raise CompareConfigError(
+                f"Unknown method(s) {unknown}; valid methods: {[ORIGINAL, *METHODS]} ({ORIGINAL!r}: the base model, "
+                "untrained)."
+            )
         repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if repeated:
             raise CompareConfigError(f"Method(s) {repeated} are listed twice in `methods`.")
@@ -442,6 +447,10 @@ class MethodRun:
 
     @property
     def spec(self) -> Any:
+        if self.name == ORIGINAL:
+            from policy_split_trl.methods import MethodSpec
+
+            return MethodSpec(ORIGINAL, "Original", "", dual_mode=True, reference="the base model, not trained")
         return METHODS[self.name]
 
     @property
@@ -475,16 +484,17 @@ def plan(config: CompareConfig) -> list[MethodRun]:
 
     runs = []
     for index, method in enumerate(config.methods, start=1):
-        script_args, training_args, model_args = parse_training(config, method)
+        # The original model is the recipe's base model: its settings are parsed as for GRPO, and nothing is trained.
+        script_args, training_args, model_args = parse_training(config, "grpo" if method == ORIGINAL else method)
         runs.append(
             MethodRun(
                 name=method,
                 index=index,
                 dir=config.method_dir(method),
-                command=training_command(config, method),
+                command=[] if method == ORIGINAL else training_command(config, method),
                 request=training_request(config, method),
                 budget=training_budget(script_args, training_args, model_args),
-                settings=method_settings(method, training_args),
+                settings={} if method == ORIGINAL else method_settings(method, training_args),
                 base_model=model_args.model_name_or_path,
                 chat_template_kwargs=training_args.chat_template_kwargs,
             )
@@ -505,6 +515,8 @@ def _json_safe(value: Any) -> Any:
 
 def train_method(run: MethodRun, total: int, started: float) -> dict[str, Any]:
     """Train `run` unless its `train_done.json` says it is done; returns that record."""
+    if run.name == ORIGINAL:
+        return {"method": ORIGINAL, "label": run.spec.label, "wall_time_s": None, "steps": 0}
     done = _read_json(run.done_path)
     prefix = f"[{run.index}/{total}] {run.name}"
     if done is None and os.path.isfile(os.path.join(run.eval_dir, "generations.jsonl")):
@@ -574,7 +586,9 @@ def method_eval_config(config: CompareConfig, run: MethodRun) -> Any:
     from policy_split_trl.hub import POLICY_SPLIT_FILE, load_policy_split_config, mode_prompts
 
     kwargs: dict[str, Any] = {}
-    if os.path.isfile(os.path.join(run.model_dir, "adapter_config.json")):  # LoRA: the adapter on its base model
+    if run.name == ORIGINAL:
+        model = run.base_model
+    elif os.path.isfile(os.path.join(run.model_dir, "adapter_config.json")):  # LoRA: the adapter on its base model
         model, kwargs["adapter"] = run.base_model, run.model_dir
     else:
         model = run.model_dir
@@ -605,6 +619,7 @@ def evaluate_method(config: CompareConfig, run: MethodRun, total: int, started: 
                 f"{run.eval_dir}/generations.jsonl, which a resumed evaluation would reuse; delete {run.eval_dir} "
                 "to evaluate again, or restore them."
             )
+    os.makedirs(run.dir, exist_ok=True)  # the original model has no training to have made it
     with open(request_path, "w") as f:
         json.dump(eval_config, f, indent=2)
     command = [sys.executable, "-m", "policy_split_trl.scripts.compare", "--evaluate", request_path]
@@ -868,11 +883,14 @@ def compare(config: CompareConfig, dry_run: bool = False) -> dict[str, Any]:
             f"{dataclasses.asdict(evaluation.sampling)}, backend {evaluation.backend}"
         )
         for run in runs:
-            state = "trained" if os.path.isfile(run.done_path) else "to train"
-            print(f"[{run.index}/{total}] {run.name} ({run.spec.label}), {state}:\n  {shlex.join(run.command)}")
+            if run.name == ORIGINAL:
+                print(f"[{run.index}/{total}] {run.name}: the base model {run.base_model}, not trained")
+            else:
+                state = "trained" if os.path.isfile(run.done_path) else "to train"
+                print(f"[{run.index}/{total}] {run.name} ({run.spec.label}), {state}:\n  {shlex.join(run.command)}")
             print(f"  then evaluate modes {run.modes} -> {run.eval_dir}")
         print(f"Comparison: {os.path.join(config.output_dir, 'comparison.md')} (.json, .png)")
-        return {"commands": {run.name: run.command for run in runs}}
+        return {"commands": {run.name: run.command for run in runs if run.name != ORIGINAL}}
 
     started = time.monotonic()
     trained: dict[str, dict] = {}
