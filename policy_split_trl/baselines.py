@@ -20,7 +20,6 @@ from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.grpo_trainer import RewardFunc
-from trl.trainer.utils import get_config_model_id
 
 from .advantages import (
     clip_cov_selection,
@@ -29,6 +28,7 @@ from .advantages import (
     relative_response_entropy,
     response_mean_entropy,
 )
+from .config import resolve_config
 
 # Loss types whose per-token loss is the PPO clipped surrogate `-min(r A, clip(r) A)`, which Clip-Cov is defined on.
 _CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -143,14 +143,7 @@ class _BaselineGRPOTrainer(GRPOTrainer):
         args: GRPOConfig | None = None,
         **kwargs: Any,
     ):
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = self._config_class(f"{model_name.split('/')[-1]}-{self._name_suffix}")
-        elif not isinstance(args, self._config_class):
-            raise TypeError(
-                f"args must be a {self._config_class.__name__}, got {type(args).__name__}. Build it with the same "
-                f"arguments: {self._config_class.__name__}(**grpo_config.to_dict()) keeps every GRPO setting."
-            )
+        args = resolve_config(model, args, self._config_class, self._name_suffix)
         if args.use_liger_kernel:
             raise NotImplementedError(
                 f"{type(self).__name__} changes the advantages inside TRL's loss; the Liger fused loss bypasses it. "

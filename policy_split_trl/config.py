@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from transformers import PreTrainedModel
 from trl import GRPOConfig
+from trl.trainer.utils import get_config_model_id
 
 from .modes import HIGH_ENTROPY_SYSTEM_PROMPT
 
@@ -177,3 +180,21 @@ class PolicySplitGRPOConfig(GRPOConfig):
                 f"{name} must be between 1 and {group_name} - 1 = {group_size - 1} (got {num_high_entropy}): each "
                 "mode needs at least one rollout per query."
             )
+
+
+def resolve_config(model: str | PreTrainedModel, args: GRPOConfig | None, config_class: type, suffix: str) -> Any:
+    """
+    A trainer's `args`: the default config named after the model when `None`, else `args` if it is a `config_class`.
+
+    Raises:
+        `TypeError`: for a config of another class (e.g. a plain `GRPOConfig`), with how to convert it.
+    """
+    if args is None:
+        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return config_class(f"{model_name.split('/')[-1]}-{suffix}")
+    if not isinstance(args, config_class):
+        raise TypeError(
+            f"args must be a {config_class.__name__}, got {type(args).__name__}. Build it with the same arguments: "
+            f"{config_class.__name__}(**grpo_config.to_dict()) keeps every GRPO setting."
+        )
+    return args

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.grpo_trainer import RewardFunc
-from trl.trainer.utils import get_config_model_id, pad, use_adapter
+from trl.trainer.utils import pad, use_adapter
 
 from .advantages import (
     bonus_hit_clip,
@@ -22,7 +22,7 @@ from .advantages import (
     row_token_moments,
     standardize_bonus,
 )
-from .config import PolicySplitGRPOConfig
+from .config import PolicySplitGRPOConfig, resolve_config
 from .hub import modes_card_section, policy_split_metadata, write_policy_split_json
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
 
@@ -150,14 +150,7 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         args: PolicySplitGRPOConfig | None = None,
         **kwargs: Any,
     ):
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = PolicySplitGRPOConfig(f"{model_name.split('/')[-1]}-PolicySplit")
-        elif not isinstance(args, PolicySplitGRPOConfig):
-            raise TypeError(
-                f"args must be a PolicySplitGRPOConfig, got {type(args).__name__}. Build it with the same arguments: "
-                "PolicySplitGRPOConfig(**grpo_config.to_dict()) keeps every GRPO setting."
-            )
+        args = resolve_config(model, args, PolicySplitGRPOConfig, "PolicySplit")
         for unsupported in ("rollout_func", "environment_factory"):
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(
