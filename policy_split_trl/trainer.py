@@ -340,9 +340,13 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         """Weight of a row subset's loss in the whole micro-batch's loss, by how each `loss_type` normalizes."""
         if self.loss_type in ("dapo", "cispo", "vespo"):  # a sum divided by a batch-independent count
             return 1.0
-        if self.loss_type == "bnpo":  # a token mean over the micro-batch
-            mask = "completion_mask"
-            return part[mask].sum().item() / max(inputs[mask].sum().item(), 1.0)
+        if self.loss_type == "bnpo":  # a token mean over the micro-batch (the tokens that count in the loss)
+
+            def tokens(batch: dict[str, Any]) -> float:
+                mask = batch["completion_mask"]
+                return (mask * batch["tool_mask"] if "tool_mask" in batch else mask).sum().item()
+
+            return tokens(part) / max(tokens(inputs), 1.0)
         return part["completion_ids"].size(0) / inputs["completion_ids"].size(0)  # a mean over rows
 
     def _compute_loss_by_context(
