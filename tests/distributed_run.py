@@ -9,9 +9,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_model import arithmetic_dataset, build_model, build_tokenizer, length_reward
+from trl import GRPOTrainer
 
-from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer
-from policy_split_trl.advantages import normalize_bonus
+from policy_split_trl import (
+    EntropyDrivenAdvantageGRPOConfig,
+    EntropyDrivenAdvantageGRPOTrainer,
+    PolicySplitGRPOConfig,
+    PolicySplitGRPOTrainer,
+)
+from policy_split_trl.advantages import group_advantages, normalize_bonus, response_mean_entropy
 
 G = 4
 
@@ -105,6 +111,38 @@ def main(result_path: str) -> None:
     start = torch.cat([p.detach().flatten() for p in initial.parameters()])
     reference_max_update = (finals[1] - start).abs().max().item()
 
+    # EDGE-GRPO's entropy-driven advantage with the group split across the ranks: each rank's A / P^ uses the mean
+    # response entropy of the whole group (gathered), against the same formula on the gathered tensors.
+    rewards_seen = []
+
+    def recorded_length_reward(completions, **kwargs):
+        # Varies with the text (not only its length), so a group's advantages are not all 0.
+        rewards = [float(sum(map(ord, str(c))) % 5) for c in completions]
+        rewards_seen.extend(rewards)
+        return rewards
+
+    # A low temperature: the random model's distributions are near uniform (entropies equal to 1e-5) at T = 1.
+    edge_settings = {**settings, "output_dir": os.path.join(os.path.dirname(result_path), "edge"), "temperature": 0.1}
+    edge = EntropyDrivenAdvantageGRPOTrainer(model=build_model(tokenizer), reward_funcs=[recorded_length_reward],
+                                             args=EntropyDrivenAdvantageGRPOConfig(**edge_settings),
+                                             train_dataset=arithmetic_dataset(8), processing_class=tokenizer)  # fmt: skip
+    edge.model.train()
+    local_rows = [row for row in arithmetic_dataset(1) for _ in range(G)][rank * 2 : rank * 2 + 2]
+    out = edge._generate_and_score_completions(local_rows)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    with torch.no_grad():
+        _, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            edge, edge.model, ids, mask, out["completion_ids"].size(1), compute_entropy=True
+        )
+    response = edge.accelerator.gather(response_mean_entropy(entropies, out["completion_mask"]))
+    grpo = group_advantages(edge.accelerator.gather(torch.tensor(rewards_seen[-2:])), G)
+    expected = grpo * response.view(-1, G).mean(1).repeat_interleave(G) / response
+    edge_advantages = edge.accelerator.gather(out["advantages"])
+    edge_max_diff = (edge_advantages - expected).abs().max().item()
+    # Not vacuous: some A != 0, and P^ != 1 (the response entropies of the group differ).
+    edge_nontrivial = bool((grpo != 0).any() and ((edge_advantages - grpo).abs() > 1e-4).any())
+
     per_rank = [None, None]
     dist.all_gather_object(
         per_rank,
@@ -124,6 +162,8 @@ def main(result_path: str) -> None:
                     "world_size": world_size,
                     "eq4_max_diff": eq4_max_diff,
                     "optimized_max_diff": optimized_max_diff,
+                    "edge_max_diff": edge_max_diff,
+                    "edge_nontrivial": edge_nontrivial,
                     "reference_max_update": reference_max_update,
                     "per_rank": per_rank,
                     "global_step": trainer.state.global_step,

@@ -55,6 +55,7 @@ def test_two_processes_on_cpu(tmp_path):
     # The optimized step trains like the straightforward path on 2 processes: weights agree to Adam's rounding noise
     # (it divides tiny gradients by sqrt(v) + eps), a thousandth of what the two steps moved them.
     assert data["optimized_max_diff"] < 1e-3 * data["reference_max_update"]
+    assert data["edge_max_diff"] < 1e-5 and data["edge_nontrivial"]  # EDGE-GRPO's group mean across the two ranks
     rank0, rank1 = data["per_rank"]
     # The one group of 4 is split across ranks: by global index, rank 0 holds the normal rollouts, rank 1 the HE ones.
     assert rank0["modes"] == [["normal", "normal"]] * 3
