@@ -29,6 +29,7 @@ from .advantages import (
     response_mean_entropy,
 )
 from .config import resolve_config
+from .loss_pass import LossPassAdvantagesMixin
 
 # Loss types whose per-token loss is the PPO clipped surrogate `-min(r A, clip(r) A)`, which Clip-Cov is defined on.
 _CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -152,14 +153,8 @@ class _BaselineGRPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args=args, **kwargs)
 
 
-class _LossPassAdvantageTrainer(_BaselineGRPOTrainer):
-    """
-    Reshapes a micro-batch's advantages inside TRL's loss pass, from that pass's own log-probs and entropies: no extra
-    forward pass. TRL's `_compute_loss` reads `inputs["advantages"]` after its log-prob/entropy call, so the hook on
-    that call can replace them in a per-call copy of the inputs.
-    """
-
-    _loss_inputs: dict[str, Any] | None = None
+class _LossPassAdvantageTrainer(LossPassAdvantagesMixin, _BaselineGRPOTrainer):
+    """Reshapes a micro-batch's advantages inside TRL's loss pass, from that pass's own log-probs and entropies."""
 
     def _shape_advantages(
         self, inputs: dict[str, Any], logps: torch.Tensor, entropies: torch.Tensor, mask: torch.Tensor
@@ -168,17 +163,13 @@ class _LossPassAdvantageTrainer(_BaselineGRPOTrainer):
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         # A copy: with num_iterations > 1 the same micro-batch is trained again and must start from the original A.
-        self._loss_inputs = dict(inputs)
-        try:
-            return super()._compute_loss(model, self._loss_inputs)
-        finally:
-            self._loss_inputs = None
+        return self._run_loss_pass(model, dict(inputs))
 
     def _get_per_token_logps_and_entropies(
         self, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        inputs, self._loss_inputs = self._loss_inputs, None  # only the loss pass's own call
+        inputs = self._take_loss_inputs()
         if inputs is not None:
             mask = inputs["completion_mask"]
             if "tool_mask" in inputs:
@@ -343,10 +334,10 @@ class EntropyDrivenAdvantageGRPOTrainer(_BaselineGRPOTrainer):
             self._capture_next_pass = False
         entropies, self._captured_entropies = self._captured_entropies, None
         completion_mask = output["completion_mask"]
+        mode = "train" if self.model.training else "eval"
         if entropies is None or output.get("old_per_token_logps") is None:
             input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
             attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
-            mode = "train" if self.model.training else "eval"
             batch_size = (
                 self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
             )
@@ -361,8 +352,9 @@ class EntropyDrivenAdvantageGRPOTrainer(_BaselineGRPOTrainer):
                 )
         mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
         local = response_mean_entropy(entropies.float(), mask)
-        group_size = self.num_generations if self.model.training else self.num_generations_eval
-        relative = relative_response_entropy(self.accelerator.gather(local), group_size, self.args.edge_epsilon)
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        gathered = self.accelerator.gather(local)
+        relative = relative_response_entropy(gathered, group_size, self.args.edge_epsilon)
         start = self.accelerator.process_index * local.size(0)
         relative = relative[start : start + local.size(0)]
         output["advantages"] = entropy_driven_advantages(output["advantages"], relative, self.args.edge_max_scale)
@@ -370,9 +362,7 @@ class EntropyDrivenAdvantageGRPOTrainer(_BaselineGRPOTrainer):
         scale = self.accelerator.gather(
             entropy_driven_advantages(torch.ones_like(relative), relative, self.args.edge_max_scale)
         )
-
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["edge/response_entropy"].append(self.accelerator.gather(local).mean().item())
+        self._metrics[mode]["edge/response_entropy"].append(gathered.mean().item())
         self._metrics[mode]["edge/scale_min"].append(scale.min().item())
         self._metrics[mode]["edge/scale_max"].append(scale.max().item())
         return output

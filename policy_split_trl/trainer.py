@@ -24,6 +24,7 @@ from .advantages import (
 )
 from .config import PolicySplitGRPOConfig, resolve_config
 from .hub import modes_card_section, policy_split_metadata, write_policy_split_json
+from .loss_pass import LossPassAdvantagesMixin
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
 
 # Keys TRL adds for multimodal models; their rows cannot simply be duplicated into a second context.
@@ -59,6 +60,11 @@ def context_sampling_logps(
     gap = sampling_logps - logps_generating
     gap = torch.where(mask.bool() & ~torch.isnan(gap), gap, torch.zeros_like(gap))
     return logps_context + gap
+
+
+def shared_left_padding(attention_mask: torch.Tensor, prompt_width: int) -> int:
+    """Columns of left padding that every row of a left-padded batch has: what a forward pass can cut off."""
+    return int(attention_mask[:, :prompt_width].any(0).float().argmax())
 
 
 def padding_groups(attention_mask: torch.Tensor, logits_to_keep: int, min_saving: float = 0.1) -> list[torch.Tensor]:
@@ -100,7 +106,7 @@ def padding_groups(attention_mask: torch.Tensor, logits_to_keep: int, min_saving
     return [order[:best_split].sort().values, order[best_split:].sort().values]
 
 
-class PolicySplitGRPOTrainer(GRPOTrainer):
+class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
     """
     Trainer for Policy Split: dual-mode, entropy-regularized GRPO (arXiv 2604.11510).
 
@@ -161,7 +167,6 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         self._policy_split_rewards: torch.Tensor | None = None
         self._policy_split_lengths: list[int] | None = None
         self._policy_split_entropies: torch.Tensor | None = None
-        self._loss_inputs: dict[str, Any] | None = None
         self._deferred_normal: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ what a saved model carries
@@ -256,9 +261,7 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             # Each context's rows at their own width: no forward pass over the other context's prompt padding.
             prompt_width = attention_mask.size(1) - logits_to_keep
             groups = padding_groups(attention_mask, logits_to_keep)
-            parts = [
-                forward(rows, int(attention_mask[rows, :prompt_width].any(0).float().argmax())) for rows in groups
-            ]
+            parts = [forward(rows, shared_left_padding(attention_mask[rows], prompt_width)) for rows in groups]
             if len(parts) == 1:
                 logps, entropies, aux_loss = parts[0]
             else:
@@ -272,7 +275,7 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
                 )
         # The loss pass computes per-token entropies; kept so `_compute_loss` can log them per context.
         self._policy_split_entropies = None if entropies is None else entropies.detach()
-        inputs, self._loss_inputs = self._loss_inputs, None  # only the loss pass's own call
+        inputs = self._take_loss_inputs()
         if inputs is not None and "policy_split_rollout" in inputs:
             inputs["advantages"] = self._bonus_from_loss_pass(inputs, logps.detach())
         return logps, entropies, aux_loss
@@ -283,11 +286,7 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             loss = self._compute_loss_by_context(model, inputs, context)
         else:
             # A copy: the loss pass may complete the advantages, and the same micro-batch can be trained again.
-            self._loss_inputs = dict(inputs)
-            try:
-                loss = super()._compute_loss(model, self._loss_inputs)
-            finally:
-                self._loss_inputs = None
+            loss = self._run_loss_pass(model, dict(inputs))
         self._log_context_entropies(inputs, context)
         return loss
 
@@ -370,8 +369,7 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
             prompt_width = inputs["prompt_mask"].size(1)
 
             def positions(rows: torch.Tensor) -> int:
-                start = int(mask[rows, :prompt_width].any(0).float().argmax())
-                return rows.numel() * (mask.size(1) - start)
+                return rows.numel() * (mask.size(1) - shared_left_padding(mask[rows], prompt_width))
 
             num_chunks = min(he_rows.numel(), max(1, math.ceil(positions(he_rows) / max(positions(normal_rows), 1))))
             parts += list(he_rows.tensor_split(num_chunks))
@@ -379,11 +377,7 @@ class PolicySplitGRPOTrainer(GRPOTrainer):
         losses = []
         for index, rows in enumerate(parts):
             part = self._select_rows(inputs, rows)
-            self._loss_inputs = part
-            try:
-                loss = super()._compute_loss(model, part) * self._loss_share(part, inputs)
-            finally:
-                self._loss_inputs = None
+            loss = self._run_loss_pass(model, part) * self._loss_share(part, inputs)
             entropies.append(self._policy_split_entropies)
             if index < len(parts) - 1:
                 # Nothing later needs this part's graph (normal rows: normal_eta = 0), so its activations go now.

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_model import arithmetic_dataset, build_model, build_tokenizer, length_reward
+from tiny_model import arithmetic_dataset, build_model, build_tokenizer, length_reward, training_args
 from trl import GRPOTrainer
 
 from policy_split_trl import (
@@ -30,19 +30,9 @@ def main(result_path: str) -> None:
         modes_seen.append(list(policy_split_mode))
         return length_reward(completions)
 
-    settings = {
-        "output_dir": os.path.join(os.path.dirname(result_path), "out"),
-        "per_device_train_batch_size": 2,  # global batch 4 = one group of G = 4, split across the two ranks
-        "num_generations": G,
-        "max_completion_length": 8,
-        "max_steps": 3,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "report_to": "none",
-        "use_cpu": True,
-        "save_strategy": "no",
-        "seed": 0,
-    }
+    # Global batch 4 = one group of G = 4, split across the two ranks.
+    settings = training_args(os.path.join(os.path.dirname(result_path), "out"), per_device_train_batch_size=2,
+                             num_generations=G, max_completion_length=8, max_steps=3)  # fmt: skip
     args = PolicySplitGRPOConfig(**settings)
     trainer = PolicySplitGRPOTrainer(
         model=build_model(tokenizer),

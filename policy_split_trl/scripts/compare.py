@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from policy_split_trl.methods import METHODS
+from policy_split_trl.methods import METHODS, MethodSpec
 
 DEFAULT_LAUNCHER = ["python", "-m", "policy_split_trl.scripts.train"]
 CONFIG_KEYS = ("train_config", "methods", "train_overrides", "seed", "output_dir", "launcher", "evaluation")
@@ -66,6 +66,7 @@ _SAMPLE_FIELDS = ("k", "sampling", "seed", "entropy_temperature", "chat_template
 HE_ROW_LABEL = "+ HE prompt"
 # Table 1's "Original" row: the base model, evaluated as it is (normal mode, and with the untrained HE prompt).
 ORIGINAL = "original"
+ORIGINAL_SPEC = MethodSpec(ORIGINAL, "Original", "", dual_mode=True, reference="the base model, not trained")
 TRAIN_DONE_FILE = "train_done.json"
 # The request of the training in progress: checkpoints are resumed only by the same request.
 TRAIN_REQUEST_FILE = "train_request.json"
@@ -447,11 +448,7 @@ class MethodRun:
 
     @property
     def spec(self) -> Any:
-        if self.name == ORIGINAL:
-            from policy_split_trl.methods import MethodSpec
-
-            return MethodSpec(ORIGINAL, "Original", "", dual_mode=True, reference="the base model, not trained")
-        return METHODS[self.name]
+        return ORIGINAL_SPEC if self.name == ORIGINAL else METHODS[self.name]
 
     @property
     def model_dir(self) -> str:
