@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -67,43 +68,123 @@ def shared_left_padding(attention_mask: torch.Tensor, prompt_width: int) -> int:
     return int(attention_mask[:, :prompt_width].any(0).float().argmax())
 
 
-def padding_groups(attention_mask: torch.Tensor, logits_to_keep: int, min_saving: float = 0.1) -> list[torch.Tensor]:
+def width_sorted_chunks(attention_mask: torch.Tensor, logits_to_keep: int, num_chunks: int) -> list[torch.Tensor]:
     """
-    Rows of a left-padded batch split into (at most) two groups by where their prompt starts, when running the groups
-    as separate forward passes, each cut to its own width, saves at least `min_saving` of the positions.
+    Rows of a left-padded batch in `num_chunks` forward passes, rows with similar prompt widths together, so that each
+    pass can be cut to its own width.
 
-    With rollout sharing a micro-batch holds every rollout after the short normal prompt and after the high-entropy
-    system prompt (~100 tokens more); padded together, the normal rows carry that width as padding.
+    The number of passes is `min(num_chunks, N)` whatever the rows hold: under ZeRO-3 and FSDP every process must call
+    forward the same number of times, so only the *grouping* of rows may depend on the data, never the count.
 
     Args:
         attention_mask (`torch.Tensor`):
             Shape `(N, L)`, prompts left-padded, the last `logits_to_keep` columns the completions.
         logits_to_keep (`int`):
-            Width of the completion part (never cut).
-        min_saving (`float`, *optional*, defaults to `0.1`):
-            Smallest fraction of the `N * L` positions a split must save to be worth a second forward pass.
+            Width of the completion part (its right padding never moves a row).
+        num_chunks (`int`):
+            Number of forward passes, `>= 1`.
 
     Returns:
-        `list[torch.Tensor]`: row indices of each group, sorted (one group: the whole batch).
+        `list[torch.Tensor]`: `min(num_chunks, N)` sorted index tensors (nearly equal sizes) that partition `range(N)`.
     """
-    num_rows, width = attention_mask.shape
-    prompt_width = width - logits_to_keep
+    num_rows = attention_mask.size(0)
     everything = torch.arange(num_rows, device=attention_mask.device)
-    if num_rows < 2 or prompt_width <= 0:
+    if num_chunks <= 1 or num_rows < 2:
         return [everything]
-    prompt = attention_mask[:, :prompt_width].bool()
+    prompt_width = attention_mask.size(1) - logits_to_keep
+    prompt = attention_mask[:, : max(prompt_width, 0)].bool()
     # Columns of left padding before each row's prompt (a row without prompt tokens: all of them).
     starts = torch.where(prompt.any(1), prompt.float().argmax(1), torch.full_like(everything, prompt_width))
     order = torch.argsort(starts, stable=True)
-    sorted_starts = starts[order].tolist()
-    best_cost, best_split = num_rows * (width - sorted_starts[0]), None
-    for k in range(1, num_rows):
-        cost = k * (width - sorted_starts[0]) + (num_rows - k) * (width - sorted_starts[k])
-        if cost < best_cost:
-            best_cost, best_split = cost, k
-    if best_split is None or best_cost > (1 - min_saving) * num_rows * (width - sorted_starts[0]):
-        return [everything]
-    return [order[:best_split].sort().values, order[best_split:].sort().values]
+    return [chunk.sort().values for chunk in order.tensor_split(min(num_chunks, num_rows))]
+
+
+def forward_plan(positions: torch.Tensor, min_saving: float = 0.1) -> tuple[int, int]:
+    """
+    How the loss passes of a generation batch are cut, decided once from statistics summed over every process so that
+    all processes make the same number of forward/backward passes (ZeRO-3/FSDP hang and DDP/gloo crash otherwise).
+
+    Args:
+        positions (`torch.Tensor`):
+            Shape `(4,)`, summed over processes: token positions of one pass over all rows padded together, of the rows
+            run at their own context's width, of the normal-context rows and of the high-entropy-context rows.
+        min_saving (`float`, *optional*, defaults to `0.1`):
+            Smallest fraction of positions a second forward pass must save.
+
+    Returns:
+        `tuple[int, int]`: forward passes of a loss pass over both contexts (2 when the contexts' own widths save at
+        least `min_saving`, else 1), and how many chunks the high-entropy rows are trained in when the contexts are
+        trained one after the other (about the normal rows' positions per chunk, for the same peak memory).
+    """
+    joint, split, normal, high_entropy = positions.tolist()
+    forward_chunks = 2 if split <= (1.0 - min_saving) * joint else 1
+    he_chunks = max(1, math.ceil(high_entropy / max(normal, 1.0)))
+    return forward_chunks, he_chunks
+
+
+# Per-rollout tensors that differ between the two contexts. With rollout sharing, a generation batch keeps TRL's one row
+# per rollout and carries the high-entropy context's copy of each under `HE_KEY_PREFIX + key`: TRL shuffles and splits
+# rows, so a rollout's two contexts stay in the same micro-batch on every process.
+CONTEXT_KEYS = (
+    "prompt_ids",
+    "prompt_mask",
+    "advantages",
+    "old_per_token_logps",
+    "ref_per_token_logps",
+    "sampling_per_token_logps",
+)
+HE_KEY_PREFIX = "policy_split_he_"
+
+
+def _is_row_tensor(value: Any, num_rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == num_rows
+
+
+def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """The completion tokens that count in the loss: the completion mask without tool-output tokens (as TRL)."""
+    mask = batch["completion_mask"]
+    return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
+
+
+def _loss_tokens(batch: dict[str, Any]) -> float:
+    return float(loss_mask(batch).sum())
+
+
+def select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The rows `rows` of every per-row tensor of `batch` (scalars such as `num_items_in_batch` kept as they are)."""
+    num_rows = batch["completion_ids"].size(0)
+    return {key: value[rows] if _is_row_tensor(value, num_rows) else value for key, value in batch.items()}
+
+
+def context_rows(batch: dict[str, Any], context: int) -> dict[str, Any]:
+    """
+    One context's rows of a generation batch with rollout sharing: every rollout once, with that context's prompt,
+    advantages and log-probs, and `policy_split_context` set to `context`.
+    """
+    num_rows = batch["completion_ids"].size(0)
+    out = {key: value for key, value in batch.items() if not key.startswith(HE_KEY_PREFIX)}
+    if context == HIGH_ENTROPY_CONTEXT:
+        for key in CONTEXT_KEYS:
+            if HE_KEY_PREFIX + key in batch:
+                out[key] = batch[HE_KEY_PREFIX + key]
+    out["policy_split_context"] = torch.full((num_rows,), context, device=batch["completion_ids"].device)
+    return out
+
+
+def expand_contexts(batch: dict[str, Any]) -> dict[str, Any]:
+    """
+    The rows a loss pass trains, from a generation batch: with rollout sharing, rows `[0, B)` are every rollout in the
+    normal context and rows `[B, 2B)` every rollout in the high-entropy context (Eq. 10), with `policy_split_context`
+    0/1; without sharing the batch already is one row per rollout in its generating context (Eq. 9).
+    """
+    if HE_KEY_PREFIX + "prompt_ids" not in batch:
+        return batch
+    normal, high_entropy = context_rows(batch, NORMAL_CONTEXT), context_rows(batch, HIGH_ENTROPY_CONTEXT)
+    num_rows = batch["completion_ids"].size(0)
+    return {
+        key: torch.cat([value, high_entropy[key]]) if _is_row_tensor(value, num_rows) else value
+        for key, value in normal.items()
+    }
 
 
 class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
@@ -126,6 +207,15 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
     `optimized_step` (default) the other context's log-probs come from the loss pass itself when training is
     on-policy (no scoring pass), each context runs at its own width, and the contexts are backpropagated one after
     the other ([`PolicySplitGRPOConfig.optimized_step`]).
+
+    Distributed by construction: at every micro-step, every process makes the same number of forward passes, backward
+    passes and collectives, whatever its rows hold (ZeRO-3 and FSDP hang otherwise, DDP over gloo crashes). A row of
+    the generation batch is a rollout carrying both of its contexts, so TRL's shuffle and split keep the two together
+    and every micro-batch holds the same structure on every process; whether the contexts are trained one after the
+    other depends on the configuration only; how many forward passes a loss pass makes and in how many chunks the
+    high-entropy rows are trained is planned once per generation batch from statistics summed over all processes
+    ([`forward_plan`]); scoring passes make TRL's number of forward passes (one per `batch_size` rows). Group
+    statistics (Eq. 2, Eq. 4) are taken over all processes, never over a local slice.
 
     Args:
         model, reward_funcs, **kwargs:
@@ -250,17 +340,21 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
             all_rows = rows is None or rows.numel() == input_ids.size(0)
             ids, mask = (input_ids, attention_mask) if all_rows else (input_ids[rows], attention_mask[rows])
             return super(PolicySplitGRPOTrainer, self)._get_per_token_logps_and_entropies(
-                model, ids[:, start:], mask[:, start:], logits_to_keep, batch_size=batch_size,
-                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs,
+                model, ids[:, start:], mask[:, start:], logits_to_keep, batch_size=None if rows is not None else
+                batch_size, compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs,
             )  # fmt: skip
 
         multimodal = any(value is not None for value in kwargs.values())
         if not self.args.optimized_step or multimodal:
             logps, entropies, aux_loss = forward(None)
         else:
-            # Each context's rows at their own width: no forward pass over the other context's prompt padding.
+            # TRL's number of forward passes (one per `batch_size` rows; a loss pass: the count planned for the whole
+            # generation batch), rows of similar prompt width together, each pass cut to its own width: no pass pays
+            # for the other context's prompt padding, and every process makes the same number of passes.
+            num_rows = input_ids.size(0)
+            num_chunks = math.ceil(num_rows / batch_size) if batch_size else self._loss_forward_chunks()
             prompt_width = attention_mask.size(1) - logits_to_keep
-            groups = padding_groups(attention_mask, logits_to_keep)
+            groups = width_sorted_chunks(attention_mask, logits_to_keep, num_chunks)
             parts = [forward(rows, shared_left_padding(attention_mask[rows], prompt_width)) for rows in groups]
             if len(parts) == 1:
                 logps, entropies, aux_loss = parts[0]
@@ -269,7 +363,7 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
                 logps = torch.cat([p[0] for p in parts])[restore]
                 entropies = torch.cat([p[1] for p in parts])[restore] if compute_entropy else None
                 aux_loss = (
-                    sum(p[2] * len(rows) for p, rows in zip(parts, groups, strict=True)) / input_ids.size(0)
+                    sum(p[2] * len(rows) for p, rows in zip(parts, groups, strict=True)) / num_rows
                     if compute_aux_loss
                     else None
                 )
@@ -280,42 +374,60 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
             inputs["advantages"] = self._bonus_from_loss_pass(inputs, logps.detach())
         return logps, entropies, aux_loss
 
+    def _loss_forward_chunks(self) -> int:
+        """Forward passes of the loss pass in progress, as planned for its generation batch ([`forward_plan`])."""
+        inputs = self._loss_inputs
+        return 1 if inputs is None else int(inputs.get("policy_split_forward_chunks", 1))
+
     def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        context = inputs.get("policy_split_context")
-        if context is not None and self._train_contexts_separately(model, context):
-            loss = self._compute_loss_by_context(model, inputs, context)
+        """
+        The loss of one micro-batch (one row per rollout, both contexts of each with rollout sharing).
+
+        Rank-uniform by construction: every process runs the same number of loss passes, forward and backward passes
+        and collectives for every micro-batch, whatever its rows hold. A micro-batch always holds both contexts of its
+        rollouts (TRL shuffles and splits rollouts, never a rollout's two contexts), whether the contexts are trained
+        one after the other depends on the configuration only, and the numbers of forward passes and high-entropy
+        chunks come from the generation batch's plan, which is taken over all processes ([`forward_plan`]).
+        """
+        if self._train_contexts_separately(model, inputs):
+            parts = self._compute_loss_by_context(model, inputs)
         else:
             # A copy: the loss pass may complete the advantages, and the same micro-batch can be trained again.
-            loss = self._run_loss_pass(model, dict(inputs))
-        self._log_context_entropies(inputs, context)
-        return loss
+            rows = dict(expand_contexts(inputs))
+            parts = [(self._run_loss_pass(model, rows), rows, self._policy_split_entropies)]
+        self._policy_split_entropies = None
+        self._log_context_entropies([(part, entropies) for _, part, entropies in parts])
+        return sum((loss for loss, _, _ in parts[1:]), parts[0][0])
 
-    def _log_context_entropies(self, inputs: dict[str, Any], context: torch.Tensor | None) -> None:
-        entropies, self._policy_split_entropies = self._policy_split_entropies, None
-        if context is None or entropies is None:
+    def _log_context_entropies(self, parts: list[tuple[dict[str, Any], torch.Tensor | None]]) -> None:
+        """Mean token entropy of each context over the micro-batch's loss passes, in one reduction."""
+        if "policy_split_context" not in parts[0][0] or any(entropies is None for _, entropies in parts):
             return
-        mask = (
-            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        )
+        sums = torch.zeros(4, device=self.accelerator.device)
+        for part, entropies in parts:
+            mask = loss_mask(part)
+            for ctx in (NORMAL_CONTEXT, HIGH_ENTROPY_CONTEXT):
+                ctx_mask = mask * (part["policy_split_context"] == ctx).unsqueeze(1)
+                sums[2 * ctx] += (entropies * ctx_mask).sum()
+                sums[2 * ctx + 1] += ctx_mask.sum()
+        totals = self.accelerator.reduce(sums, reduction="sum").tolist()
         mode = "train" if self.model.training else "eval"
-        sums = []
-        for ctx in (NORMAL_CONTEXT, HIGH_ENTROPY_CONTEXT):
-            ctx_mask = mask * (context == ctx).unsqueeze(1)
-            sums += [(entropies * ctx_mask).sum(), ctx_mask.sum()]
-        totals = self.accelerator.reduce(torch.stack(sums).float(), reduction="sum").tolist()
         for name, (total, count) in zip(("normal_context", "high_entropy_context"), (totals[:2], totals[2:])):
             if count > 0:
                 self._metrics[mode][f"policy_split/entropy/{name}"].append(total / count)
 
     # ------------------------------------------------------------------ the optimized step (`optimized_step`)
-    def _train_contexts_separately(self, model: torch.nn.Module, context: torch.Tensor) -> bool:
-        """Forward/backward each context's rows on their own (peak activation memory of one context, not both)."""
+    def _train_contexts_separately(self, model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
+        """
+        Forward/backward each context's rows on their own (peak activation memory of one context, not both). Decided
+        from the configuration alone, never from the rows, so that every process makes the same passes.
+        """
         args = self.args
         return (
             args.optimized_step
+            and HE_KEY_PREFIX + "prompt_ids" in inputs  # rollout sharing: both contexts of every rollout
             and model.training
             and torch.is_grad_enabled()
-            and bool((context == NORMAL_CONTEXT).any() and (context == HIGH_ENTROPY_CONTEXT).any())
             # A second backward inside one micro-step is plain gradient accumulation for DDP (under no_sync); ZeRO and
             # FSDP reduce gradients in their own hooks, and the entropy terms below are means over the whole batch.
             and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
@@ -325,71 +437,50 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
             and args.normal_eta == 0.0
         )
 
-    @staticmethod
-    def _select_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-        num_rows = inputs["completion_ids"].size(0)
-        return {
-            key: value[rows]
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == num_rows
-            else value
-            for key, value in inputs.items()
-        }
-
-    def _loss_share(self, part: dict[str, Any], inputs: dict[str, Any]) -> float:
-        """Weight of a row subset's loss in the whole micro-batch's loss, by how each `loss_type` normalizes."""
+    def _loss_share(self, part: dict[str, Any], num_rows: int, num_tokens: float) -> float:
+        """Weight of a part's loss in the loss of the whole micro-batch (`num_rows` rows over both contexts, of which
+        `num_tokens` count in the loss), by how each `loss_type` normalizes."""
         if self.loss_type in ("dapo", "cispo", "vespo"):  # a sum divided by a batch-independent count
             return 1.0
         if self.loss_type == "bnpo":  # a token mean over the micro-batch (the tokens that count in the loss)
-
-            def tokens(batch: dict[str, Any]) -> float:
-                mask = batch["completion_mask"]
-                return (mask * batch["tool_mask"] if "tool_mask" in batch else mask).sum().item()
-
-            return tokens(part) / max(tokens(inputs), 1.0)
-        return part["completion_ids"].size(0) / inputs["completion_ids"].size(0)  # a mean over rows
+            return _loss_tokens(part) / max(num_tokens, 1.0)
+        return part["completion_ids"].size(0) / num_rows  # a mean over rows
 
     def _compute_loss_by_context(
-        self, model: torch.nn.Module, inputs: dict[str, Any], context: torch.Tensor
-    ) -> torch.Tensor:
+        self, model: torch.nn.Module, inputs: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]]:
         """
-        The micro-batch's loss as several forward/backward passes: the normal-context rows, then the HE-context rows,
-        in chunks of about the normal rows' size when their advantages are already complete (a deferred bonus needs
-        all HE rows in one pass). Every part but the last is backpropagated here (gradient accumulation within the
-        step), the last part's loss is returned for the trainer's backward. The weighted parts sum to the whole
-        batch's loss; the gradient is the same, the peak activation memory about that of one normal-context batch.
+        The micro-batch's loss as several forward/backward passes: every rollout in the normal context, then in the HE
+        context, in the planned number of chunks (about the normal rows' positions each) when their advantages are
+        already complete (a deferred bonus needs all HE rows in one pass). Every part but the last is forward- and
+        backward-ed here under DDP's `no_sync` (DDP prepares its gradient all-reduce at forward time), so the step makes
+        one all-reduce, at the last part's backward, which the trainer runs on the returned loss. The weighted parts sum
+        to the whole batch's loss; the gradient is the same, the peak activation memory about that of one context.
+
+        Returns:
+            `list[tuple]`: `(loss, rows, entropies)` of each part; the losses of all parts but the last are detached.
         """
-        normal_rows = torch.nonzero(context == NORMAL_CONTEXT).squeeze(1)
-        he_rows = torch.nonzero(context == HIGH_ENTROPY_CONTEXT).squeeze(1)
-        parts = [normal_rows]
-        if "policy_split_rollout" in inputs:
-            parts.append(he_rows)
-        else:
-            # Chunks of HE rows with about as many (unpadded-width) positions as the normal rows.
-            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-            prompt_width = inputs["prompt_mask"].size(1)
-
-            def positions(rows: torch.Tensor) -> int:
-                return rows.numel() * (mask.size(1) - shared_left_padding(mask[rows], prompt_width))
-
-            num_chunks = min(he_rows.numel(), max(1, math.ceil(positions(he_rows) / max(positions(normal_rows), 1))))
-            parts += list(he_rows.tensor_split(num_chunks))
-        entropies = []
-        losses = []
-        for index, rows in enumerate(parts):
-            part = self._select_rows(inputs, rows)
-            loss = self._run_loss_pass(model, part) * self._loss_share(part, inputs)
-            entropies.append(self._policy_split_entropies)
-            if index < len(parts) - 1:
-                # Nothing later needs this part's graph (normal rows: normal_eta = 0), so its activations go now.
-                with self.accelerator.no_sync(model):
+        normal = context_rows(inputs, NORMAL_CONTEXT)
+        high_entropy = context_rows(inputs, HIGH_ENTROPY_CONTEXT)
+        num_rows = inputs["completion_ids"].size(0)
+        he_chunks = 1 if "policy_split_rollout" in inputs else int(inputs.get("policy_split_he_chunks", 1))
+        chunks = torch.arange(num_rows, device=normal["completion_ids"].device).tensor_split(min(he_chunks, num_rows))
+        parts = [normal] + [select_rows(high_entropy, rows) for rows in chunks]
+        for part in parts:  # one context per part: one forward pass each (the plan's count is for both contexts)
+            part["policy_split_forward_chunks"] = 1
+        total_tokens = 2.0 * _loss_tokens(normal)
+        results = []
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = self._run_loss_pass(model, part) * self._loss_share(part, 2 * num_rows, total_tokens)
+                if not last:
+                    # Nothing later needs this part's graph (normal rows: normal_eta = 0), so its activations go now.
                     self.accelerator.backward(loss)
-                loss = loss.detach()
-            losses.append(loss)
+                    loss = loss.detach()
+            results.append((loss, part, self._policy_split_entropies))
         self._deferred_normal = None
-        if all(e is not None for e in entropies):
-            restore = torch.argsort(torch.cat(parts))
-            self._policy_split_entropies = torch.cat(entropies)[restore]
-        return sum(losses[1:], losses[0])
+        return results
 
     def _bonus_from_loss_pass(self, inputs: dict[str, Any], logps: torch.Tensor) -> torch.Tensor:
         """
@@ -418,16 +509,15 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
         # In rollout order (the generation step's): rows of the same rollout, one per context, share their tokens.
         logps_he, logps_normal = logps[he_rows], normal_logps[normal_rows]
         is_he = inputs["policy_split_generated_he"][he_rows]
-        mask = inputs["completion_mask"][he_rows]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"][he_rows]
+        mask = loss_mask(inputs)[he_rows]
         base = advantages[he_rows, 0]
         mode = "train" if self.model.training else "eval"
         group_size = self._mode_split(mode)[0]
         normalized = self._normalize_bonus(dual_mode_bonus(logps_he, logps_normal, self.args.alpha), mask, group_size)
         args = self.args
         adv_he = entropy_regularized_advantages(base, normalized, args.eta, args.kappa, args.eta_placement)
-        shaped = advantages.clone()
+        # In the log-probs' precision, as when the bonus comes from the generation step.
+        shaped = advantages.to(torch.promote_types(advantages.dtype, adv_he.dtype), copy=True)
         shaped[he_rows] = adv_he.to(shaped.dtype)
         if bool(is_normal_row.any()) and args.normal_eta != 0.0:
             adv_normal = entropy_regularized_advantages(
@@ -521,7 +611,7 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
             raise NotImplementedError("PolicySplitGRPOTrainer supports text-only models for now.")
 
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        loss_mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
+        mask = loss_mask(output)
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         gen_prompt_ids = [
             ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"], output["prompt_mask"], strict=True)
@@ -558,8 +648,8 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
         args = self.args
         self._log_mode_metrics(mode, is_he)
         if deferred:
-            # Rows as with sharing below; the HE context's advantages are completed by the loss pass, which finds the
-            # twin of each row through `policy_split_rollout`.
+            # The HE context's advantages are completed by the loss pass, which puts its rows back in generation
+            # order (TRL shuffles them) through `policy_split_rollout` for the group statistics of Eq. 4.
             logps_normal = logps_he = None
             adv_normal = adv_he = advantages.unsqueeze(1).expand_as(completion_mask).to(torch.float32)
         else:
@@ -567,7 +657,7 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
             logps_normal = torch.where(he_col, logps_twin, logps_gen)
             # Eq. 6 -> Eq. 4 (exact group statistics from gathered per-row moments) -> Eq. 3.
             bonus = dual_mode_bonus(logps_he, logps_normal, args.alpha)
-            normalized = self._normalize_bonus(bonus, loss_mask, group_size)
+            normalized = self._normalize_bonus(bonus, mask, group_size)
             adv_he = entropy_regularized_advantages(advantages, normalized, args.eta, args.kappa, args.eta_placement)
             adv_normal = entropy_regularized_advantages(
                 advantages, normalized, args.normal_eta, args.kappa, args.eta_placement
@@ -575,54 +665,75 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
 
         sampling = output.get("sampling_per_token_logps")
         if args.rollout_sharing:
-            # Rows [0, B): every rollout in the normal context; rows [B, 2B): every rollout in the HE context.
+            # One row per rollout, as TRL has it: the normal context under TRL's keys, the HE context's copy of the
+            # prompt, advantages and log-probs under `HE_KEY_PREFIX + key` (`expand_contexts` gives the 2B rows).
             normal_ctx_prompts = [
                 t if f else g for g, t, f in zip(gen_prompt_ids, twin_prompt_ids, he_flags, strict=True)
             ]
             he_ctx_prompts = [g if f else t for g, t, f in zip(gen_prompt_ids, twin_prompt_ids, he_flags, strict=True)]
-            output["prompt_ids"], output["prompt_mask"] = self._left_pad_prompts(normal_ctx_prompts + he_ctx_prompts)
-            for key in ("completion_ids", "completion_mask", "tool_mask", "importance_sampling_ratio"):
-                if key in output:  # the IS ratio is the generating context's, reused by the twin row
-                    output[key] = output[key].repeat(2, 1)
-            output["advantages"] = torch.cat([adv_normal, adv_he])
-            # Both contexts' tokens count, so `dapo`/`cispo` stay a token mean over every (row, token) pair.
-            output["num_items_in_batch"] = output["num_items_in_batch"] * 2
+            prompt_ids, prompt_mask = self._left_pad_prompts(normal_ctx_prompts + he_ctx_prompts)
+            contexts = {"prompt_ids": prompt_ids.chunk(2), "prompt_mask": prompt_mask.chunk(2)}
+            contexts["advantages"] = (adv_normal, adv_he)
             if old_gen is not None:
-                output["old_per_token_logps"] = torch.cat([logps_normal, logps_he])
+                contexts["old_per_token_logps"] = (logps_normal, logps_he)
             if ref_twin is not None:
                 ref_gen = output["ref_per_token_logps"]
-                output["ref_per_token_logps"] = torch.cat(
-                    [torch.where(he_col, ref_twin, ref_gen), torch.where(he_col, ref_gen, ref_twin)]
+                contexts["ref_per_token_logps"] = (
+                    torch.where(he_col, ref_twin, ref_gen),
+                    torch.where(he_col, ref_gen, ref_twin),
                 )
-            if sampling is not None:
-                output["sampling_per_token_logps"] = torch.cat(
-                    [
-                        context_sampling_logps(sampling, logps_gen, logps_normal, loss_mask),
-                        context_sampling_logps(sampling, logps_gen, logps_he, loss_mask),
-                    ]
+            if sampling is not None:  # the generating context's sampler gap, reused by the twin row (SPEC §2.11)
+                contexts["sampling_per_token_logps"] = (
+                    context_sampling_logps(sampling, logps_gen, logps_normal, mask),
+                    context_sampling_logps(sampling, logps_gen, logps_he, mask),
                 )
-            output["policy_split_context"] = torch.cat(
-                [
-                    torch.full((num_rows,), NORMAL_CONTEXT, device=device),
-                    torch.full((num_rows,), HIGH_ENTROPY_CONTEXT, device=device),
-                ]
-            )
+            for key, (normal_value, he_value) in contexts.items():
+                output[key], output[HE_KEY_PREFIX + key] = normal_value, he_value
+            # Both contexts' tokens count, so `dapo`/`cispo` stay a token mean over every (row, token) pair.
+            output["num_items_in_batch"] = output["num_items_in_batch"] * 2
             if deferred:
-                output["policy_split_rollout"] = global_index.repeat(2)
-                output["policy_split_generated_he"] = is_he.repeat(2)
+                output["policy_split_rollout"] = global_index
+                output["policy_split_generated_he"] = is_he
             he_context_rows = torch.ones_like(is_he)
+            context_widths = [self._prompt_widths(p) for p in contexts["prompt_mask"]]
         else:
             output["advantages"] = torch.where(he_col, adv_he, adv_normal)
             if sampling is not None:
-                output["sampling_per_token_logps"] = context_sampling_logps(sampling, logps_gen, logps_gen, loss_mask)
+                output["sampling_per_token_logps"] = context_sampling_logps(sampling, logps_gen, logps_gen, mask)
             output["policy_split_context"] = is_he.long()
             he_context_rows = is_he
+            context_widths = [self._prompt_widths(output["prompt_mask"][rows]) for rows in (~is_he, is_he)]
+        self._plan_forward_passes(output, context_widths, completion_ids.size(1))
 
         if not deferred:
             self._log_bonus_metrics(
-                mode, is_he, logps_he, logps_normal, loss_mask, advantages, normalized, adv_he, he_context_rows
+                mode, is_he, logps_he, logps_normal, mask, advantages, normalized, adv_he, he_context_rows
             )
         return output
+
+    @staticmethod
+    def _prompt_widths(prompt_mask: torch.Tensor) -> tuple[int, int]:
+        """`(rows, width of their prompts once the padding they all share is cut)`."""
+        if prompt_mask.size(0) == 0:
+            return 0, 0
+        return prompt_mask.size(0), prompt_mask.size(1) - shared_left_padding(prompt_mask, prompt_mask.size(1))
+
+    def _plan_forward_passes(
+        self, output: dict[str, Any], context_widths: list[tuple[int, int]], completion_width: int
+    ) -> None:
+        """
+        Store the generation batch's plan of forward passes ([`forward_plan`]) as scalars that every micro-batch cut
+        from it carries: one reduction over all processes, so that every process makes the same passes.
+        """
+        (normal_rows, normal_width), (he_rows, he_width) = context_widths
+        normal = normal_rows * (normal_width + completion_width)
+        high_entropy = he_rows * (he_width + completion_width)
+        joint = (normal_rows + he_rows) * (max(normal_width, he_width) + completion_width)
+        local = torch.tensor([joint, normal + high_entropy, normal, high_entropy], device=self.accelerator.device)
+        forward_chunks, he_chunks = forward_plan(self.accelerator.reduce(local.double(), reduction="sum"))
+        device = self.accelerator.device
+        output["policy_split_forward_chunks"] = torch.tensor(forward_chunks, device=device)
+        output["policy_split_he_chunks"] = torch.tensor(he_chunks, device=device)
 
     def _defer_bonus_to_loss_pass(self, mode: str, old_logps: torch.Tensor | None) -> bool:
         """
@@ -667,7 +778,7 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
         is_he: torch.Tensor,
         logps_he: torch.Tensor,
         logps_normal: torch.Tensor,
-        loss_mask: torch.Tensor,
+        mask: torch.Tensor,
         advantages: torch.Tensor,
         normalized: torch.Tensor,
         adv_he: torch.Tensor,
@@ -677,12 +788,12 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
         metrics = self._metrics[mode]
         args = self.args
         # KL(pi_HE || pi) on HE-generated tokens (Table 5) and KL(pi || pi_HE) on normal-generated tokens.
-        he_mask = loss_mask * is_he.unsqueeze(1)
-        normal_mask = loss_mask * (~is_he).unsqueeze(1)
+        he_mask = mask * is_he.unsqueeze(1)
+        normal_mask = mask * (~is_he).unsqueeze(1)
         kl_he = forward_kl_estimate(logps_he, logps_normal, he_mask)
         kl_normal = forward_kl_estimate(logps_normal, logps_he, normal_mask)
         # Bonus statistics over the tokens trained in the HE context.
-        bonus_mask = (loss_mask * he_context_rows.unsqueeze(1)).bool()
+        bonus_mask = (mask * he_context_rows.unsqueeze(1)).bool()
         bonus_abs = torch.where(bonus_mask, (adv_he - advantages.unsqueeze(1)).abs(), 0.0).sum()
         clipped = bonus_hit_clip(advantages, normalized, args.eta, args.kappa, args.eta_placement) & bonus_mask
         local = torch.stack(

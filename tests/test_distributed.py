@@ -52,9 +52,7 @@ def test_two_processes_on_cpu(tmp_path):
     assert data["world_size"] == 2
     assert data["global_step"] == 3
     assert data["eq4_max_diff"] < 1e-6
-    # The optimized step trains like the straightforward path on 2 processes: weights agree to Adam's rounding noise
-    # (it divides tiny gradients by sqrt(v) + eps), a thousandth of what the two steps moved them.
-    assert data["optimized_max_diff"] < 1e-3 * data["reference_max_update"]
+    # (The optimized and the straightforward step end at the same weights on 2 processes: tests/test_distributed_matrix.)
     assert data["edge_max_diff"] < 1e-5 and data["edge_nontrivial"]  # EDGE-GRPO's group mean across the two ranks
     rank0, rank1 = data["per_rank"]
     # The one group of 4 is split across ranks: by global index, rank 0 holds the normal rollouts, rank 1 the HE ones.

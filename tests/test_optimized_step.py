@@ -7,25 +7,35 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer
 
 from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer
-from policy_split_trl.trainer import HIGH_ENTROPY_CONTEXT, NORMAL_CONTEXT, padding_groups
+from policy_split_trl.trainer import HIGH_ENTROPY_CONTEXT, NORMAL_CONTEXT, forward_plan, width_sorted_chunks
 
 G = 4
 
 
-def test_padding_groups_split_the_two_prompt_widths():
+def test_width_sorted_chunks_group_rows_by_prompt_width_but_never_change_the_count():
     mask = torch.ones(4, 110, dtype=torch.long)
     mask[[1, 3], :90] = 0  # two short (normal) prompts padded to the long (high-entropy) width
-    assert [g.tolist() for g in padding_groups(mask, logits_to_keep=10)] == [[0, 2], [1, 3]]
-    # Short prompts: not worth a second pass; all rows alike: one group.
-    mask[[1, 3], :90] = 1
-    mask[[1, 3], :5] = 0
-    assert [g.tolist() for g in padding_groups(mask, 10)] == [[0, 1, 2, 3]]
-    assert [g.tolist() for g in padding_groups(torch.ones(3, 20), 10)] == [[0, 1, 2]]
+    assert [g.tolist() for g in width_sorted_chunks(mask, logits_to_keep=10, num_chunks=2)] == [[0, 2], [1, 3]]
+    # The count is what was asked, whatever the widths: all rows alike still make two passes (same on every process).
+    assert [g.tolist() for g in width_sorted_chunks(torch.ones(4, 20), 10, 2)] == [[0, 1], [2, 3]]
+    assert [g.tolist() for g in width_sorted_chunks(mask, 10, 1)] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in width_sorted_chunks(mask, 10, 3)] == [[0, 2], [1], [3]]
+    assert [g.tolist() for g in width_sorted_chunks(torch.ones(1, 20), 10, 4)] == [[0]]
     # Completion padding (right side) never moves a row.
     mask = torch.ones(2, 30, dtype=torch.long)
     mask[1, :15] = 0
     mask[0, 25:] = 0
-    assert [g.tolist() for g in padding_groups(mask, 10)] == [[0], [1]]
+    assert [g.tolist() for g in width_sorted_chunks(mask, 10, 2)] == [[0], [1]]
+
+
+def test_forward_plan_from_summed_positions():
+    # 2 x 4 rows: normal prompts 20 wide, HE prompts 120 wide, 10 completion tokens. One joint pass: 8 x 130 = 1040
+    # positions; each context at its own width: 4 x 30 + 4 x 130 = 640 (38% fewer): two passes; HE rows: 520 / 120.
+    assert forward_plan(torch.tensor([1040.0, 640.0, 120.0, 520.0])) == (2, 5)
+    # 12K-token completions: the prompts hardly matter, one pass; the HE rows fit in one normal-sized chunk... or two.
+    assert forward_plan(torch.tensor([8 * 12400.0, 4 * 12300.0 + 4 * 12400.0, 4 * 12300.0, 4 * 12400.0])) == (1, 2)
+    assert forward_plan(torch.tensor([100.0, 100.0, 50.0, 50.0])) == (1, 1)
+    assert forward_plan(torch.tensor([100.0, 90.0, 45.0, 45.0])) == (2, 1)  # exactly 10% saved
 
 
 def make(tmp_path, tokenizer, optimized, model_path, peft_config=None, **kwargs):

@@ -12,6 +12,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from policy_split_trl import HIGH_ENTROPY_SYSTEM_PROMPT, PolicySplitGRPOConfig, PolicySplitGRPOTrainer
 from policy_split_trl.advantages import group_advantages
+from policy_split_trl.trainer import HE_KEY_PREFIX, expand_contexts
 
 G = 4
 ETA, KAPPA = 0.03, 2.0
@@ -48,13 +49,17 @@ class Recorder:
 
 
 def spy_outputs(trainer):
-    """Record every output of `_generate_and_score_completions` (before TRL shuffles it)."""
+    """
+    Record every output of `_generate_and_score_completions` (before TRL shuffles it) as the rows the loss trains
+    (`expand_contexts`): with sharing, rows [0, B) every rollout in the normal context, rows [B, 2B) in the HE context.
+    """
     outputs = []
     original = trainer._generate_and_score_completions
 
     def spy(inputs):
         out = original(inputs)
-        outputs.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in out.items()})
+        rows = expand_contexts(out)
+        outputs.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in rows.items()})
         return out
 
     trainer._generate_and_score_completions = spy
@@ -190,8 +195,9 @@ def test_loss_is_a_token_mean_over_both_contexts(tmp_path, tokenizer):
     trainer.model.train()
     out = trainer._generate_and_score_completions(inputs)
     trainer.current_gradient_accumulation_steps = 1
-    mask = out["completion_mask"].float()
-    adv = out["advantages"]
+    rows = expand_contexts(out)
+    mask = rows["completion_mask"].float()
+    adv = rows["advantages"]
     # On-policy (no old log-probs): every ratio is 1, so the dapo loss is -sum(A) / #tokens of BOTH contexts.
     loss = trainer.compute_loss(trainer.model, out)
     expected = -(adv * mask).sum() / mask.sum()
@@ -200,11 +206,10 @@ def test_loss_is_a_token_mean_over_both_contexts(tmp_path, tokenizer):
     torch.testing.assert_close(loss, -(normal_sum + he_sum) / (2 * mask[:8].sum()), rtol=1e-5, atol=1e-6)
 
     # Every other loss type keeps its own normalization over the 2B rows.
-    rows = adv.size(0)
     expected_by_type = {
         "grpo": (-(adv * mask).sum(1) / mask.sum(1)).mean(),  # per-row token mean, then mean over rows
         "bnpo": -(adv * mask).sum() / mask.sum(),  # token mean of the micro-batch
-        "dr_grpo": -(adv * mask).sum() / (rows * trainer.max_completion_length),
+        "dr_grpo": -(adv * mask).sum() / (adv.size(0) * trainer.max_completion_length),
     }
     for loss_type in ("grpo", "bnpo", "dr_grpo", "sapo", "luspo", "cispo", "vespo"):
         trainer.loss_type = loss_type
@@ -433,15 +438,16 @@ def test_vllm_importance_sampling_is_shared_by_the_twin_row(tmp_path, tokenizer)
     trainer._generate_single_turn = fake_vllm
     inputs = [row for row in arithmetic_dataset(2) for _ in range(G)]
     out = trainer._generate_and_score_completions(inputs)
-    b, mask = 8, out["completion_mask"].bool()
-    ratio = out["importance_sampling_ratio"]
+    rows = expand_contexts(out)
+    b, mask = 8, rows["completion_mask"].bool()
+    ratio = rows["importance_sampling_ratio"]
     assert torch.equal(ratio[:b], ratio[b:])
     # mismatch of +0.1 nats in the generating context -> ratio exp(0.1) on every token but the unscored first one
     torch.testing.assert_close(
         ratio[:, 1:][mask[:, 1:]], torch.full_like(ratio[:, 1:][mask[:, 1:]], math.exp(0.1)), rtol=1e-3, atol=1e-3
     )
     assert torch.all(ratio[:, 0] == 1.0)
-    sampling, old = out["sampling_per_token_logps"], out["old_per_token_logps"]
+    sampling, old = rows["sampling_per_token_logps"], rows["old_per_token_logps"]
     assert torch.isfinite(sampling).all()
     gap = (sampling - old)[mask]
     torch.testing.assert_close(gap.reshape(2, -1)[0], gap.reshape(2, -1)[1], rtol=1e-5, atol=1e-5)
@@ -493,3 +499,39 @@ def test_gradient_accumulation(tmp_path, tokenizer):
     assert trainer.state.global_step == 2
     for out in outputs:
         check_sharing_output(out, 8)
+
+
+def test_every_micro_batch_holds_both_contexts_of_its_rollouts(tmp_path, tokenizer, monkeypatch):
+    """
+    TRL shuffles a generation batch's rows and splits them into micro-batches. A row is a rollout carrying both of its
+    contexts, so every micro-batch trains each of its rollouts in both contexts: the same structure on every process.
+    """
+    trainer = make_trainer(
+        tmp_path, tokenizer, per_device_train_batch_size=2, steps_per_generation=4, max_steps=4, optimized_step=True
+    )
+    passes = []
+    original = GRPOTrainer._compute_loss
+
+    def record(self, model, inputs):
+        passes.append((inputs["policy_split_context"].tolist(), inputs["completion_ids"].clone()))
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", record)
+    micro_batches = []
+    original_loss = trainer._compute_loss
+
+    def record_micro_batch(model, inputs):
+        micro_batches.append(inputs)
+        return original_loss(model, inputs)
+
+    trainer._compute_loss = record_micro_batch
+    trainer.train()
+    assert len(micro_batches) == 4
+    for inputs in micro_batches:
+        assert HE_KEY_PREFIX + "prompt_ids" in inputs and inputs["completion_ids"].size(0) == 2
+    # Each micro-batch: a normal-context pass and HE-context pass(es) over the same two rollouts.
+    steps = [passes[i : i + len(passes) // 4] for i in range(0, len(passes), len(passes) // 4)]
+    for step, inputs in zip(steps, micro_batches):
+        assert step[0][0] == [0, 0] and all(set(ctx) == {1} for ctx, _ in step[1:])
+        assert torch.equal(torch.cat([ids for _, ids in step[1:]]), step[0][1])
+        torch.testing.assert_close(step[0][1], inputs["completion_ids"])
