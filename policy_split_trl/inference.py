@@ -67,13 +67,13 @@ class DualModeModel:
         Load a model (Hub id, folder or `embedded:<name>`, optionally with a LoRA adapter) and the prompts of its
         `policy_split.json` (from the adapter folder if given, else the model). A model without that file gets the
         paper's prompts, with a warning. `backend="vllm"` (or `"auto"` with vLLM installed and a GPU) generates with
-        vLLM's `LLM.chat`.
+        vLLM's `LLM.chat`, serving the adapter with a `max_lora_rank` that fits its rank.
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .embedded import resolve_model_id
-        from .eval.backends import vllm_available
+        from .eval.backends import vllm_available, vllm_lora_kwargs
 
         if backend not in ("auto", "transformers", "vllm"):
             raise ValueError(f"backend must be 'auto', 'transformers' or 'vllm', got {backend!r}.")
@@ -87,6 +87,7 @@ class DualModeModel:
             prompts = None
         tokenizer = AutoTokenizer.from_pretrained(adapter or path)
         if use_vllm:
+            lora_kwargs = vllm_lora_kwargs(adapter)  # before vLLM starts: a bad adapter folder fails in seconds
             from vllm import LLM
 
             lora = None
@@ -94,7 +95,7 @@ class DualModeModel:
                 from vllm.lora.request import LoRARequest
 
                 lora = LoRARequest("adapter", 1, adapter)
-            llm = LLM(model=path, enable_lora=adapter is not None)
+            llm = LLM(model=path, **lora_kwargs)
             return cls(None, tokenizer, prompts, chat_template_kwargs, llm=llm, lora_request=lora)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if adapter is not None:

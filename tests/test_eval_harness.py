@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from fake_vllm import install_fake_vllm, save_tiny_lora_adapter
 
 from policy_split_trl.advantages import forward_kl_estimate
 from policy_split_trl.eval.metrics import avg_at_k, pass_at_k, token_entropy_bits, token_logprobs, unique_solved
@@ -175,43 +176,164 @@ def test_cli_creative_writing_with_judge_never_writes_the_key(tiny_model_path, t
 
 
 def test_vllm_backend_maps_sampling_and_scores_with_transformers(tiny_model_path, monkeypatch):
-    """No GPU here: a fake `vllm` module records what the backend asks of vLLM."""
-    import sys
-    import types
-
+    """No GPU here: the fake `vllm` (tests/fake_vllm.py) takes only what the real one takes, and records the calls."""
     from policy_split_trl.eval import backends
 
-    seen = {}
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            seen["init"] = kwargs
-
-        def generate(self, inputs, params, lora_request=None, use_tqdm=True):
-            seen.update(inputs=inputs, params=params, lora=lora_request)
-            out = types.SimpleNamespace(token_ids=[5, 6, 2])
-            return [types.SimpleNamespace(outputs=[out] * params.n) for _ in inputs]
-
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
-    lora = types.ModuleType("vllm.lora.request")
-    lora.LoRARequest = lambda name, idx, path: ("lora", name, idx, path)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    vllm = install_fake_vllm(monkeypatch)
     monkeypatch.setattr(backends, "vllm_available", lambda: True)
 
     backend = backends.make_backend(tiny_model_path, backend="auto", gpu_memory_utilization=0.4)
-    assert backend.name == "vllm" and seen["init"]["gpu_memory_utilization"] == 0.4
+    llm = vllm.built[-1]
+    assert backend.name == "vllm" and llm.kwargs["gpu_memory_utilization"] == 0.4
+    assert llm.kwargs["enable_lora"] is False and "max_lora_rank" not in llm.kwargs
     prompts = [[{"role": "user", "content": "1 + 1 ="}], [{"role": "user", "content": "2 + 2 ="}]]
     out = backend.generate(prompts, 3, backends.SamplingConfig(0.6, 0.95, 0, 16), seed=7)
-    params = seen["params"]
+    call = llm.calls[-1]
+    params = call.sampling_params
     assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens, params.seed) == (
         3, 0.6, 0.95, -1, 16, 7,
     )  # fmt: skip
     # vLLM gets the same chat-template token ids the transformers backend would use
-    assert seen["inputs"][0]["prompt_token_ids"] == backend.scorer.prompt_ids(prompts[0])
+    assert call.prompts[0]["prompt_token_ids"] == backend.scorer.prompt_ids(prompts[0])
+    assert call.lora_request is None and call.kwargs["use_tqdm"] is False
     assert out == [[[5, 6, 2]] * 3] * 2
     scored = backend.score(prompts[:1], [[5, 6, 2]], 1.0)
     assert len(scored[0].logprobs) == 3  # scored by the transformers model
     assert backends.make_backend(tiny_model_path, backend="transformers").name == "transformers"
+
+
+@pytest.fixture
+def rank32_adapter(tiny_model_path, tmp_path):
+    """A real PEFT LoRA adapter with r=32 (our recipes' rank, above vLLM's default `max_lora_rank` of 16)."""
+    return save_tiny_lora_adapter(tiny_model_path, str(tmp_path / "lora-r32"), r=32)
+
+
+def test_vllm_backend_serves_a_rank_32_adapter(tiny_model_path, rank32_adapter, monkeypatch):
+    from policy_split_trl.eval import backends
+
+    vllm = install_fake_vllm(monkeypatch)
+    monkeypatch.setattr(backends, "vllm_available", lambda: True)
+    backend = backends.make_backend(tiny_model_path, adapter=rank32_adapter, backend="vllm")
+    prompts = [[{"role": "user", "content": "1 + 1 ="}]]
+    # vLLM loads the adapter with the first request: with its default max_lora_rank (16) this raised
+    assert backend.generate(prompts, 2, backends.SamplingConfig(0.6, 0.95, 20, 8)) == [[[5, 6, 2]] * 2]
+    llm = vllm.built[-1]
+    assert (llm.kwargs["enable_lora"], llm.kwargs["max_lora_rank"]) == (True, 32)
+    assert llm.calls[-1].lora_request.lora_path == rank32_adapter
+    assert len(backend.score(prompts, [[5, 6, 2]])[0].logprobs) == 3  # the scorer carries the same adapter
+
+
+def test_eval_cli_passes_the_adapter_to_vllm(tiny_model_path, rank32_adapter, tmp_path, monkeypatch):
+    from policy_split_trl.eval import backends
+
+    vllm = install_fake_vllm(monkeypatch)
+    monkeypatch.setattr(backends, "vllm_available", lambda: True)
+    args = eval_args(tiny_model_path, tmp_path / "vllm", "--adapter", rank32_adapter, "--backend", "vllm")
+    results = run([*args, "--benchmarks", "math500", "--limit", "1", "--k", "1", "--no_kl"])
+    assert results["config"]["backend_used"] == "vllm" and results["config"]["adapter"] == rank32_adapter
+    llm = vllm.built[-1]
+    assert llm.kwargs["max_lora_rank"] == 32
+    assert {call.lora_request.lora_path for call in llm.calls} == {rank32_adapter}
+
+
+def test_vllm_lora_kwargs_rounds_the_rank_up_to_what_vllm_accepts(tmp_path):
+    from policy_split_trl.eval.backends import VLLM_LORA_RANKS, lora_rank, vllm_lora_kwargs
+
+    def adapter(name, config):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+        return str(folder)
+
+    assert vllm_lora_kwargs(None) == {"enable_lora": False}
+    assert vllm_lora_kwargs(adapter("r32", {"r": 32})) == {"enable_lora": True, "max_lora_rank": 32}
+    assert vllm_lora_kwargs(adapter("r4", {"r": 4}))["max_lora_rank"] == 8  # 4 is not a value vLLM accepts
+    assert vllm_lora_kwargs(adapter("r300", {"r": 300}))["max_lora_rank"] == 320
+    # a module lifted above `r` by rank_pattern sets the rank
+    lifted = adapter("pattern", {"r": 16, "rank_pattern": {"q_proj": 48, "v_proj": 8}})
+    assert lora_rank(lifted) == 48 and vllm_lora_kwargs(lifted)["max_lora_rank"] == 64
+    assert all(vllm_lora_kwargs(adapter(f"exact{r}", {"r": r}))["max_lora_rank"] == r for r in VLLM_LORA_RANKS)
+    with pytest.raises(ValueError, match="above the largest `max_lora_rank` vLLM accepts"):
+        vllm_lora_kwargs(adapter("r1024", {"r": 1024}))
+    with pytest.raises(ValueError, match="peft_type='PREFIX_TUNING'"):
+        lora_rank(adapter("prefix", {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no adapter_config\.json"):
+        vllm_lora_kwargs(str(tmp_path / "empty"))
+    for missing in (str(tmp_path / "no-such-folder"), "no-such-org/no-such-adapter"):  # a typo, an unreachable Hub id
+        with pytest.raises(FileNotFoundError, match="neither a local folder nor a reachable Hub repository"):
+            lora_rank(missing)
+
+
+def tiny_llama(tokenizer):
+    """The embedded SmolLM2 is a Llama: the same architecture, tiny."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def full_forward_scores(model, tokenizer, messages, completion, temperature):
+    """The reference: one unpadded forward over prompt + completion, log-softmax of its full logits."""
+    from policy_split_trl.eval.backends import chat_prompt_ids
+
+    ids = torch.tensor([chat_prompt_ids(tokenizer, messages) + completion])
+    logits = model(input_ids=ids).logits[0, -len(completion) - 1 : -1] / temperature
+    logps = torch.log_softmax(logits, dim=-1)
+    chosen = logps.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+    entropy_bits = -(logps.exp() * logps).sum(-1) / math.log(2)
+    return chosen.tolist(), entropy_bits.tolist()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_lora", "llama"])
+@torch.no_grad()
+def test_scoring_keeps_only_the_last_hidden_state_and_matches_a_full_forward(tokenizer, arch):
+    from tiny_model import build_model
+
+    from policy_split_trl.eval.backends import TransformersBackend
+
+    model = tiny_llama(tokenizer) if arch == "llama" else build_model(tokenizer)
+    if arch == "qwen3_lora":
+        from peft import LoraConfig, get_peft_model
+
+        # non-zero B: the adapter really changes the scores
+        model = get_peft_model(model, LoraConfig(r=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    backend = TransformersBackend(model, tokenizer, batch_size=4, score_chunk=2)
+    prompts = [
+        [{"role": "user", "content": "1 + 1 ="}],
+        [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "what is the sum of 12 and 7"}],
+        [{"role": "user", "content": "2 + 2 ="}],
+        [{"role": "user", "content": "the answer"}],
+    ]  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    completions = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist() for n in (5, 3, 0, 7)]
+
+    def refuse_all_hidden_states(module, args, kwargs):
+        if kwargs.get("output_hidden_states") or getattr(getattr(module, "config", None), "output_hidden_states", 0):
+            raise AssertionError(f"{type(module).__name__} was asked for every layer's hidden states")
+
+    hooks = [m.register_forward_pre_hook(refuse_all_hidden_states, with_kwargs=True) for m in model.modules()]
+    try:
+        scored = backend.score(prompts, completions, temperature=0.7)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [len(s.logprobs) for s in scored] == [5, 3, 0, 7]
+    for messages, completion, result in zip(prompts, completions, scored, strict=True):
+        if completion:
+            logps, ents = full_forward_scores(model, tokenizer, messages, completion, 0.7)
+            torch.testing.assert_close(torch.tensor(result.logprobs), torch.tensor(logps), atol=1e-6, rtol=0)
+            # entropies are ~10 bits, summed over the vocabulary in float32: 1e-6 relative is that sum's precision
+            torch.testing.assert_close(torch.tensor(result.entropy_bits), torch.tensor(ents), atol=1e-6, rtol=1e-6)
+    if arch == "qwen3_lora":
+        with model.disable_adapter():
+            base, _ = full_forward_scores(model, tokenizer, prompts[0], completions[0], 0.7)
+        assert max(abs(a - b) for a, b in zip(base, scored[0].logprobs, strict=True)) > 1e-3  # LoRA was applied

@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+from fake_vllm import install_fake_vllm, save_tiny_lora_adapter
 from test_trainer import make_trainer
 
 from policy_split_trl.hub import POLICY_SPLIT_FILE
@@ -68,26 +69,42 @@ def test_chat_cli_in_a_pseudo_terminal(trained_folder):
 
 
 def test_loader_with_vllm_calls_llm_chat_with_the_stored_prompt(trained_folder, monkeypatch):
-    """No GPU here: a fake `vllm` module records the chat call."""
-    import types
-
-    seen = {}
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            seen["init"] = kwargs
-
-        def chat(self, messages, params, **kwargs):
-            seen.update(messages=messages, params=params, kwargs=kwargs)
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="forty-two")])]
-
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kw: types.SimpleNamespace(**kw)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
+    """No GPU here: the fake `vllm` (tests/fake_vllm.py) takes only what the real one takes, and records the calls."""
+    vllm = install_fake_vllm(monkeypatch)
     model = DualModeModel.from_pretrained(trained_folder, backend="vllm")
-    assert model.model is None and seen["init"]["enable_lora"] is False
+    llm = vllm.built[-1]
+    assert model.model is None and llm.kwargs == {"enable_lora": False}
     messages = [{"role": "user", "content": "6 x 7?"}]
     assert model.generate(messages, "high_entropy", max_new_tokens=9, top_k=0) == "forty-two"
-    assert seen["messages"][0] == {"role": "system", "content": PROMPT}
-    assert (seen["params"].max_tokens, seen["params"].top_k) == (9, -1)
-    assert list(model.stream(messages, "normal")) == ["forty-two"] and seen["messages"] == messages
+    call = llm.calls[-1]
+    assert call.prompts == [[{"role": "system", "content": PROMPT}, *messages]]
+    assert (call.sampling_params.max_tokens, call.sampling_params.top_k) == (9, -1) and call.lora_request is None
+    assert list(model.stream(messages, "normal")) == ["forty-two"] and llm.calls[-1].prompts == [messages]
+
+
+def test_loader_with_vllm_serves_a_rank_32_adapter(tiny_model_path, tmp_path, monkeypatch):
+    vllm = install_fake_vllm(monkeypatch)
+    adapter = save_tiny_lora_adapter(tiny_model_path, str(tmp_path / "lora-r32"), r=32)
+    model = DualModeModel.from_pretrained(tiny_model_path, adapter=adapter, backend="vllm")
+    # vLLM loads the adapter with the first request: with its default max_lora_rank (16) this raised
+    assert model.generate([{"role": "user", "content": "hi"}], max_new_tokens=4) == "forty-two"
+    llm = vllm.built[-1]
+    assert (llm.kwargs["enable_lora"], llm.kwargs["max_lora_rank"]) == (True, 32)
+    assert llm.calls[-1].lora_request.lora_path == adapter
+    os.remove(os.path.join(adapter, "adapter_config.json"))
+    with pytest.raises(FileNotFoundError, match="lora-r32 has no adapter_config.json"):
+        DualModeModel.from_pretrained(tiny_model_path, adapter=adapter, backend="vllm")
+
+
+def test_chat_cli_passes_adapter_and_backend_through(tiny_model_path, tmp_path, monkeypatch):
+    from policy_split_trl.scripts import chat
+
+    vllm = install_fake_vllm(monkeypatch)
+    adapter = save_tiny_lora_adapter(tiny_model_path, str(tmp_path / "lora-r32"), r=32)
+    started = {}
+    monkeypatch.setattr(chat, "chat", lambda model, mode, sampling: started.update(model=model, sampling=sampling))
+    monkeypatch.setattr(sys, "argv", ["policy-split-chat", "--model", tiny_model_path, "--adapter", adapter,
+                                      "--backend", "vllm", "--top_k", "0"])  # fmt: skip
+    chat.cli()
+    assert started["model"].llm is vllm.built[-1] and vllm.built[-1].kwargs["max_lora_rank"] == 32
+    assert started["model"].lora_request.lora_path == adapter and started["sampling"]["top_k"] == 0

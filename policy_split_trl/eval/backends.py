@@ -9,6 +9,8 @@ and a GPU is present (or when asked for), transformers `generate` otherwise.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,37 @@ def chat_prompt_ids(tokenizer: Any, messages: Messages, chat_template_kwargs: di
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, **(chat_template_kwargs or {})
     )
     return list(out["input_ids"])
+
+
+def last_hidden_states(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """
+    Final hidden states of a causal LM (after its last norm: what the LM head reads), computed by its decoder alone.
+
+    `model(..., output_hidden_states=True)` would keep every layer's states (tens of GB at 32K tokens) to use only the
+    last, and the causal LM's own forward builds a KV cache nobody reads; the decoder with `use_cache=False` keeps
+    neither.
+
+    Args:
+        model (`PreTrainedModel`):
+            A transformers causal LM (Qwen3, Llama, ...), optionally a `PeftModel` with a LoRA adapter.
+        input_ids (`torch.Tensor`):
+            Token ids, shape `(batch, length)`.
+        attention_mask (`torch.Tensor`):
+            Its attention mask.
+
+    Returns:
+        `torch.Tensor`: shape `(batch, length, hidden_size)`.
+    """
+    # `get_decoder()` is the inner decoder (`model.model` for Qwen3 and Llama). A `PeftModel` forwards the call to the
+    # model it wraps, whose linear layers carry the LoRA weights in place, so the adapter still applies.
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if getattr(out, "last_hidden_state", None) is None:
+        raise TypeError(
+            f"{type(model).__name__}.get_decoder() returned a {type(decoder).__name__}, whose output has no "
+            "`last_hidden_state`: scoring needs a transformers causal LM (or a PEFT LoRA model wrapping one)."
+        )
+    return out.last_hidden_state
 
 
 class TransformersBackend:
@@ -215,8 +248,7 @@ class TransformersBackend:
                 results += [Scored([], []) for _ in batch_completions]
                 continue
             # Position t predicts token t + 1: the states that predict the completion end one before the sequence.
-            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-            hidden = out.hidden_states[-1]
+            hidden = last_hidden_states(self.model, ids, mask)
             for row, completion in enumerate(batch_completions):
                 length = len(completion)
                 if length == 0:
@@ -234,6 +266,86 @@ class TransformersBackend:
         return results
 
 
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+# The only `max_lora_rank` values vLLM accepts: `MaxLoRARanks` in vllm/config/lora.py, the same in vLLM 0.22.0 and
+# 0.31.0 (the range TRL 1.16 supports). vLLM sizes its LoRA buffers by it and rejects any other value when it builds
+# the engine. TRL keeps the same tuple as `VLLM_LORA_RANKS` in `trl.experimental.async_grpo`, which we do not import:
+# importing `trl.experimental` warns, and its API may change without notice.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(adapter: str) -> int:
+    """
+    Rank of a PEFT LoRA adapter, read from its `adapter_config.json`: `r`, or the largest `rank_pattern` value when a
+    module was given a higher rank.
+
+    Args:
+        adapter (`str`):
+            The adapter folder (what `save_pretrained` wrote), or its Hub id.
+
+    Returns:
+        `int`: the largest rank of the adapter's modules.
+    """
+    if os.path.isdir(adapter):
+        path = os.path.join(adapter, ADAPTER_CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{adapter} has no {ADAPTER_CONFIG_FILE}, so it is not a PEFT LoRA adapter folder: pass the folder "
+                "`save_pretrained` (or `trainer.save_model()` of a LoRA run) wrote, or pass a full model as the model "
+                "without an adapter."
+            )
+    else:
+        # Not a local folder: a Hub id, as `PeftModel.from_pretrained` and vLLM's `LoRARequest` accept.
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(adapter, ADAPTER_CONFIG_FILE)
+        except Exception as error:  # offline, no such repository or no such file: the same fix for all
+            raise FileNotFoundError(
+                f"Could not read {ADAPTER_CONFIG_FILE} of the adapter {adapter!r} (neither a local folder nor a "
+                f"reachable Hub repository with that file): pass a PEFT LoRA adapter folder."
+            ) from error
+    with open(path) as f:
+        config = json.load(f)
+    pattern = config.get("rank_pattern") or {}
+    ranks = [config.get("r"), *pattern.values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise ValueError(
+            f"{path}: `r` and every `rank_pattern` value must be positive integers (got r={config.get('r')!r}, "
+            f"rank_pattern={pattern!r}); is this a LoRA adapter (peft_type={config.get('peft_type')!r})?"
+        )
+    return max(ranks)
+
+
+def vllm_lora_kwargs(adapter: str | None) -> dict[str, Any]:
+    """
+    `vllm.LLM(...)` keyword arguments that serve `adapter` (or no adapter): `enable_lora`, and a `max_lora_rank` the
+    adapter fits in, since vLLM's default (16) is below the rank of our LoRA recipes (32) and vLLM refuses a request
+    whose adapter rank exceeds it.
+
+    Args:
+        adapter (`str`, *optional*):
+            A PEFT LoRA adapter folder (or Hub id); `None` serves the bare model.
+
+    Returns:
+        `dict[str, Any]`: `{"enable_lora": False}`, or `{"enable_lora": True, "max_lora_rank": rank}`.
+    """
+    if adapter is None:
+        return {"enable_lora": False}
+    rank = lora_rank(adapter)
+    # vLLM takes only the values of VLLM_LORA_RANKS, so round up to the next one: `max_lora_rank` is a capacity, an
+    # r=24 adapter is served exactly under 32.
+    allowed = [value for value in VLLM_LORA_RANKS if value >= rank]
+    if not allowed:
+        raise ValueError(
+            f"The adapter {adapter} has LoRA rank {rank}, above the largest `max_lora_rank` vLLM accepts "
+            f"({VLLM_LORA_RANKS[-1]}): merge it into the model (`merge_and_unload()`, then pass the merged folder as "
+            "the model without an adapter) or use the transformers backend."
+        )
+    return {"enable_lora": True, "max_lora_rank": allowed[0]}
+
+
 class VLLMBackend:
     """
     Generation with vLLM (batched, `n` samples per prompt from the same chat-template token ids as `LLM.chat`);
@@ -247,7 +359,10 @@ class VLLMBackend:
         gpu_memory_utilization (`float`, *optional*, defaults to `0.5`):
             vLLM's share of GPU memory (the scorer needs the rest).
         adapter (`str`, *optional*):
-            A LoRA adapter folder, served through vLLM's LoRA support.
+            A LoRA adapter folder, served through vLLM's LoRA support with a `max_lora_rank` that fits its rank
+            ([`vllm_lora_kwargs`]).
+        max_model_len (`int`, *optional*):
+            vLLM context length; defaults to the model's.
     """
 
     name = "vllm"
@@ -261,8 +376,8 @@ class VLLMBackend:
         self.llm = LLM(
             model=model_path,
             gpu_memory_utilization=gpu_memory_utilization,
-            enable_lora=adapter is not None,
             max_model_len=max_model_len,
+            **vllm_lora_kwargs(adapter),
         )
 
     def prompt_ids(self, messages: Messages) -> list[int]:
