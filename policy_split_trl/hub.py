@@ -63,9 +63,41 @@ def write_policy_split_json(output_dir: str, args: Any) -> str:
     return path
 
 
+def _policy_split_config_problem(meta: Any) -> str | None:
+    """What makes `policy_split.json` content unusable (a missing key, a wrong type), or `None` if it is usable."""
+    if not isinstance(meta, dict):
+        return f"the content must be a JSON object, got a {type(meta).__name__}"
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        return f"format_version must be an integer, got {version!r}"
+    modes = meta.get("modes")
+    if modes is None:
+        return "no 'modes' object (mode name -> {'system_prompt': ..., 'purpose': ...})"
+    if not isinstance(modes, dict):
+        return f"'modes' must be an object, got a {type(modes).__name__}"
+    for name in (NORMAL_MODE, HIGH_ENTROPY_MODE):
+        if name not in modes:
+            return f"'modes' has no {name!r} entry (found: {sorted(modes)})"
+    for name, mode in modes.items():
+        if not isinstance(mode, dict) or "system_prompt" not in mode:
+            return f"modes.{name} must be an object with a 'system_prompt' (a string, or null for no system prompt)"
+        prompt = mode["system_prompt"]
+        if prompt is not None and not isinstance(prompt, str):
+            return f"modes.{name}.system_prompt must be a string or null, got a {type(prompt).__name__}"
+        if not isinstance(mode.get("purpose", ""), str):
+            return f"modes.{name}.purpose must be a string"
+    he_prompt = modes[HIGH_ENTROPY_MODE]["system_prompt"]
+    if not isinstance(he_prompt, str) or not he_prompt.strip():
+        return f"modes.{HIGH_ENTROPY_MODE}.system_prompt must be the non-empty prompt the model was trained with"
+    if not isinstance(meta.get("training", {}), dict):
+        return "'training' must be an object of hyper-parameters"
+    return None
+
+
 def load_policy_split_config(model_id: str, revision: str | None = None) -> dict[str, Any]:
     """
-    Read `policy_split.json` from a local model folder or a Hub repository.
+    Read `policy_split.json` from a local model folder or a Hub repository, checked: valid JSON, an object with both
+    modes and their system prompts (the high-entropy one a non-empty string), a `format_version` this library reads.
 
     Args:
         model_id (`str`):
@@ -75,6 +107,10 @@ def load_policy_split_config(model_id: str, revision: str | None = None) -> dict
 
     Returns:
         `dict`: the file's content.
+
+    Raises:
+        `FileNotFoundError`: a local folder without the file.
+        `ValueError`: a file that is not valid JSON or misses a key / has a wrong type, naming the file and the key.
     """
     if os.path.isdir(model_id):
         path = os.path.join(model_id, POLICY_SPLIT_FILE)
@@ -84,10 +120,28 @@ def load_policy_split_config(model_id: str, revision: str | None = None) -> dict
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(model_id, POLICY_SPLIT_FILE, revision=revision)
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{POLICY_SPLIT_FILE} format {meta['format_version']} is newer than this library reads.")
+    fix = (
+        "Restore the file (copy it from the checkpoint it came from), or write it again from the training config "
+        "with policy_split_trl.hub.write_policy_split_json."
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}; truncated?). {fix}"
+        ) from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}). {fix}") from error
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else 0
+    if isinstance(version, int) and version > FORMAT_VERSION:  # checked first: a newer format may differ in shape
+        raise ValueError(
+            f"{path}: {POLICY_SPLIT_FILE} format {version} is newer than this library reads ({FORMAT_VERSION}); "
+            "upgrade policy-split-trl."
+        )
+    problem = _policy_split_config_problem(meta)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}. {fix}")
     return meta
 
 

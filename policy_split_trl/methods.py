@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +34,9 @@ class MethodSpec:
             Dotted path of the trainer class.
         fixed (`dict[str, Any]`):
             Settings that define the method (e.g. `eta=0` for "GRPO w/ sharing"). A conflicting value set by the user
-            is an error, not silently replaced.
+            is an error, not silently replaced (see [`apply_method`]).
         defaults (`dict[str, Any]`):
-            The method's paper hyper-parameters, applied where the user left the field at its default.
+            The method's paper hyper-parameters, applied where the user did not set the field.
         dual_mode (`bool`):
             Trained with the high-entropy prompt, so both modes are worth evaluating.
         reference (`str`):
@@ -131,16 +133,72 @@ class MethodConfig(
     """
 
 
-def apply_method(method: str, args: Any) -> Any:
+# Where a setting was written, for [`apply_method`]'s `explicit`: the command line wins over a recipe, as in TrlParser.
+COMMAND_LINE = "command line"
+
+
+def _precedence(source: str | None) -> int:
+    """Rank of a setting's source: not set (0) < a YAML recipe (1) < the command line (2)."""
+    if source is None:
+        return 0
+    return 2 if source == COMMAND_LINE else 1
+
+
+def method_config_class(method: str) -> type:
+    """The config class whose fields `method`'s trainer reads (`GRPOConfig` for TRL's `GRPOTrainer`)."""
+    from trl import GRPOConfig
+
+    spec = METHODS[method]
+    if spec.trainer == _POLICY_SPLIT:
+        return PolicySplitGRPOConfig
+    return getattr(spec.trainer_class(), "_config_class", None) or GRPOConfig
+
+
+def inapplicable_settings(method: str, names: Iterable[str]) -> list[str]:
     """
-    Make `args` the settings of `method`: its defining settings (`fixed`) and, where the user left a field at its
-    default, its paper hyper-parameters (`defaults`).
+    The settings among `names` that `method`'s trainer never reads: fields [`MethodConfig`] adds for other methods
+    (e.g. `eta` for `grpo`, `clip_cov_ratio` for `policy_split`). Other names (GRPO/TrainingArguments fields, script
+    arguments) are left out.
+
+    Args:
+        method (`str`):
+            A key of `METHODS`.
+        names (`Iterable[str]`):
+            Field names, e.g. those the user set.
+
+    Returns:
+        `list[str]`: the inapplicable ones, in the order given.
+    """
+    from trl import GRPOConfig
+
+    grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    method_fields = {f.name for f in dataclasses.fields(method_config_class(method))}
+    extra_fields = {f.name for f in dataclasses.fields(MethodConfig)} - grpo_fields
+    return [name for name in names if name in extra_fields and name not in method_fields]
+
+
+def apply_method(method: str, args: Any, explicit: Mapping[str, str] | None = None) -> Any:
+    """
+    Make `args` the settings of `method`: its defining settings (`fixed`) and, where the user did not set a field, its
+    paper hyper-parameters (`defaults`).
+
+    What the user set is decided by `explicit` (field name -> where it was written: `"command line"` or a recipe,
+    e.g. from [`~policy_split_trl.scripts.train.explicit_arguments`]), never by the value, so `--eta 0.03` (the
+    default value) still counts. A set value that contradicts a fixed setting is an error, except when the method was
+    chosen on the command line and the value comes from the recipe: the command line wins over a recipe, as for any
+    flag, and a warning names what is replaced (`--config recipe.yaml --method grpo_rollout_sharing` on a recipe that
+    sets `eta: 0.03` trains with `eta=0`). Set values that the method's trainer never reads (`--method grpo --eta 0.5`)
+    are warned about, unless they come from a recipe whose method the command line replaced (a recipe's knobs for its
+    own method are expected there). Without `explicit` (a config built in Python), a value differing from the field's default
+    counts as set.
 
     Args:
         method (`str`):
             A key of `METHODS`.
         args (`MethodConfig` or any config with the method's fields):
             Parsed settings; changed in place and returned.
+        explicit (`Mapping[str, str]`, *optional*):
+            The fields the user set and where; may include `"method"` itself.
 
     Returns:
         The same `args`.
@@ -152,22 +210,54 @@ def apply_method(method: str, args: Any) -> Any:
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {sorted(METHODS)}.")
     spec = METHODS[method]
-    field_defaults = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        for f in dataclasses.fields(type(args))
-        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-    }
+    if explicit is None:
+        field_defaults = {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            for f in dataclasses.fields(type(args))
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+        explicit = {
+            name: "config" for name in {**spec.fixed, **spec.defaults} if getattr(args, name) != field_defaults.get(name)
+        }
+    method_source = explicit.get("method")
     for name, value in spec.fixed.items():
-        current = getattr(args, name)
-        if current != value and current != field_defaults.get(name):
-            raise ValueError(
-                f"--method {method} means {name}={value!r}, but {name}={current!r} is set; remove {name} from the "
-                f"recipe/flags, or pick another method (e.g. policy_split)."
+        current, source = getattr(args, name), explicit.get(name)
+        if source is not None and current != value:
+            if _precedence(method_source) <= _precedence(source):
+                raise ValueError(
+                    f"--method {method} means {name}={value!r}, but {name}={current!r} is set ({source}); remove "
+                    f"{name} from the recipe/flags, or pick another method (e.g. policy_split)."
+                )
+            warnings.warn(
+                f"{name}={current!r} ({source}) is replaced by {name}={value!r}: --method {method} ({method_source}) "
+                f"means {name}={value!r} and the command line wins over the recipe. Remove {name} from the recipe to "
+                "silence this.",
+                UserWarning,
+                stacklevel=2,
             )
         setattr(args, name, value)
     for name, value in spec.defaults.items():
-        if getattr(args, name) == field_defaults.get(name):
+        if name not in explicit:
             setattr(args, name, value)
+    # A recipe's knobs for its own method are expected when the command line picks another method for it ("one
+    # --method away on any recipe"): only knobs written where the method was chosen, or later, are warned about.
+    ignored = [
+        name
+        for name in inapplicable_settings(method, explicit)
+        if _precedence(explicit[name]) >= _precedence(method_source)
+    ]
+    if ignored:
+        by_source: dict[str, list[str]] = {}
+        for name in ignored:
+            by_source.setdefault(explicit[name], []).append(name)
+        where = "; ".join(f"{', '.join(names)} ({source})" for source, names in by_source.items())
+        warnings.warn(
+            f"--method {method} does not use {where}: its trainer ({spec.trainer.rsplit('.', 1)[1]}) never reads "
+            "these settings, so they have no effect. Remove them, or pick a method that uses them (see "
+            "policy_split_trl.methods.METHODS).",
+            UserWarning,
+            stacklevel=2,
+        )
     return args
 
 
@@ -189,10 +279,6 @@ def method_settings(method: str, args: Any) -> dict[str, Any]:
 
     spec = METHODS[method]
     names = list(spec.fixed) + list(spec.defaults)
-    config_class = getattr(spec.trainer_class(), "_config_class", None)
-    if spec.trainer == _POLICY_SPLIT:
-        config_class = PolicySplitGRPOConfig
-    if config_class is not None:
-        grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
-        names += [f.name for f in dataclasses.fields(config_class) if f.name not in grpo_fields]
+    grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    names += [f.name for f in dataclasses.fields(method_config_class(method)) if f.name not in grpo_fields]
     return {name: getattr(args, name) for name in dict.fromkeys(names)}

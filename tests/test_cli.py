@@ -56,10 +56,12 @@ def test_recipes_exist():
 
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
-def test_every_recipe_dry_runs_offline(recipe, capsys):
+def test_every_recipe_dry_runs_offline(recipe, capsys, recwarn):
     summary = run(["--config", recipe, "--dry_run"])
     out = capsys.readouterr().out
     assert "dry run" in out
+    # Every recipe is consistent with its method: nothing it sets is replaced by the method or left unused.
+    assert not [str(w.message) for w in recwarn if "--method" in str(w.message)]
     assert summary["num_generations"] == 8
     batch = summary["batch"]
     assert batch["rollouts_per_optimizer_step"] % summary["num_generations"] == 0

@@ -11,16 +11,20 @@ Arguments are those of `PolicySplitScriptArguments` (below), `MethodConfig` (eve
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import sys
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from policy_split_trl.data import LOCAL_FORMATS
-from policy_split_trl.methods import METHODS, MethodConfig, apply_method, method_settings
+from policy_split_trl.data import TASK_PROMPTS, looks_like_local_path
+from policy_split_trl.methods import COMMAND_LINE, METHODS, MethodConfig, apply_method, method_settings
 
 
 @dataclass
@@ -119,37 +123,181 @@ def _unreachable(name: str | None) -> bool:
     if name is None:
         return False
     # Looks like a path (a typo must fail loudly, not pass as "remote"), exists, or needs no download.
-    path_like = os.path.isabs(name) or name.startswith((".", "~")) or os.path.splitext(name)[1] in LOCAL_FORMATS
-    local = path_like or os.path.exists(name) or name.startswith("synthetic:")
+    local = looks_like_local_path(name) or os.path.exists(name) or name.startswith("synthetic:")
     return not local and constants.HF_HUB_OFFLINE
 
 
+def check_script_args(script_args: PolicySplitScriptArguments) -> None:
+    """
+    Check the script arguments that argparse cannot (a YAML recipe's values skip its `choices`) before anything is
+    loaded, naming the flag and the fix.
+
+    Raises:
+        `ValueError`: an unknown `--method` or `--task`, or a `--max_train_samples`/`--max_eval_samples` below 1.
+    """
+    if script_args.method not in METHODS:
+        raise ValueError(f"--method {script_args.method!r} is unknown; choose one of {sorted(METHODS)}.")
+    if script_args.task not in TASK_PROMPTS:
+        raise ValueError(
+            f"--task {script_args.task!r} is unknown; choose one of {sorted(TASK_PROMPTS)} (`none`: the question as is)."
+        )
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(script_args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be a positive number of rows (got {value}); leave it unset for all rows.")
+    if isinstance(script_args.reward_funcs, str):  # `reward_funcs: accuracy` in a recipe: one name, not its letters
+        script_args.reward_funcs = [script_args.reward_funcs]
+
+
 def load_reward_funcs(script_args: PolicySplitScriptArguments) -> list[Any]:
+    """The reward model (if any) and the reward functions of `--reward_funcs`; an error names the bad entry."""
     from policy_split_trl.rewards import get_reward_func
 
     sys.path.insert(0, os.getcwd())  # dotted paths to the user's own modules, as TRL's script does
     funcs: list[Any] = [script_args.reward_model_name_or_path] if script_args.reward_model_name_or_path else []
-    funcs += [get_reward_func(name) for name in script_args.reward_funcs]
+    for name in script_args.reward_funcs:
+        try:
+            funcs.append(get_reward_func(name))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--reward_funcs {name}: {error}") from error
     if not funcs:
         raise ValueError("No reward: set --reward_funcs (e.g. accuracy) and/or --reward_model_name_or_path.")
     return funcs
 
 
 def load_split(script_args: PolicySplitScriptArguments, split: str, max_samples: int | None, seed: int):
+    """One split of `--dataset_name`, mapped to `prompt`/`solution`; an error names the flag and the dataset."""
     from policy_split_trl.data import load_prompt_dataset
 
     if not script_args.dataset_name:
         raise ValueError("Set --dataset_name: a Hub id, a local json/jsonl/parquet/csv file, or synthetic:arithmetic.")
-    return load_prompt_dataset(
-        script_args.dataset_name,
-        split=split,
-        config=script_args.dataset_config,
-        prompt_column=script_args.prompt_column,
-        solution_column=script_args.solution_column,
-        task=script_args.task,
-        max_samples=max_samples,
-        seed=seed,
-    )
+    try:
+        return load_prompt_dataset(
+            script_args.dataset_name,
+            split=split,
+            config=script_args.dataset_config,
+            prompt_column=script_args.prompt_column,
+            solution_column=script_args.solution_column,
+            task=script_args.task,
+            max_samples=max_samples,
+            seed=seed,
+        )
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--dataset_name {script_args.dataset_name}: {error}") from error
+    except ValueError as error:
+        raise ValueError(f"--dataset_name {script_args.dataset_name}: {error}") from error
+
+
+def read_mode_prompt_file(path: str) -> str:
+    """
+    The high-entropy system prompt from `--mode_prompt_file`: a UTF-8 text file, stripped.
+
+    Raises:
+        `FileNotFoundError` / `ValueError`: missing, a folder, not text, or empty; naming the flag and the file.
+    """
+    resolved = os.path.expanduser(path)
+    if not os.path.isfile(resolved):
+        what = "is a folder" if os.path.isdir(resolved) else "does not exist"
+        raise FileNotFoundError(
+            f"--mode_prompt_file {path} {what} (absolute: {os.path.abspath(resolved)}; a relative path is resolved "
+            "from the current directory); give a text file holding the high-entropy system prompt."
+        )
+    with open(resolved, "rb") as f:
+        raw = f.read()
+    try:
+        prompt = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"--mode_prompt_file {path} is not UTF-8 text (byte {error.start}); write the high-entropy system prompt "
+            "as plain text."
+        ) from error
+    if "\x00" in prompt:
+        raise ValueError(f"--mode_prompt_file {path} is a binary file; write the high-entropy system prompt as text.")
+    if not prompt.strip():
+        raise ValueError(
+            f"--mode_prompt_file {path} is empty; write the high-entropy system prompt into it, or drop the flag to "
+            "keep the paper's."
+        )
+    return prompt.strip()
+
+
+def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """
+    The checkpoint `--resume_from_checkpoint` asks for, checked before anything is loaded.
+
+    `true` (any of TrainingArguments' booleans: `true`/`True`/`1`/`yes`/...) means the latest `checkpoint-N` in
+    `output_dir` (`transformers.trainer_utils.get_last_checkpoint`, what `Trainer.train(resume_from_checkpoint=True)`
+    uses); `false`/unset means none; anything else is a checkpoint folder (`~` expanded; a folder literally named
+    like a boolean needs a `./` prefix). Asking to resume when there is nothing to resume is an error, not a fresh
+    start: a mistyped `output_dir` would otherwise silently train from scratch.
+
+    Args:
+        value (`str`, `bool` or `None`):
+            The flag's value (a YAML recipe gives a `bool`).
+        output_dir (`str`):
+            The run's `output_dir`.
+
+    Returns:
+        `str` or `None`: the checkpoint folder to resume from.
+
+    Raises:
+        `FileNotFoundError` / `ValueError`: no checkpoint in `output_dir`, a missing folder, or a folder that is not a
+        Trainer checkpoint (no `trainer_state.json`).
+    """
+    from transformers.hf_argparser import string_to_bool
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise ValueError(
+            "--resume_from_checkpoint is empty; pass true (the latest checkpoint in output_dir), false, or a "
+            "checkpoint folder."
+        )
+    try:  # a bool from YAML, or the strings TrainingArguments takes for booleans (also `1`/`0` from YAML)
+        resume = value if isinstance(value, bool) else string_to_bool(str(value).strip())
+    except argparse.ArgumentTypeError:
+        resume = None  # a path
+    if resume is False:
+        return None
+    if resume:
+        if not os.path.isdir(output_dir):
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {value}: output_dir {output_dir} does not exist, so there is nothing to "
+                "resume. Set --output_dir to the run's folder, or remove --resume_from_checkpoint to start a new run."
+            )
+        checkpoint = get_last_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {value}: output_dir {output_dir} has no checkpoint-N folder, so there is "
+                "nothing to resume. Set --output_dir to the run's folder, pass a checkpoint folder, or remove "
+                "--resume_from_checkpoint to start a new run."
+            )
+    else:
+        checkpoint = os.path.expanduser(str(value))
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {value}: no such checkpoint folder (absolute: {os.path.abspath(checkpoint)})"
+                f"; pass a checkpoint-N folder of a run, or true for the latest one in output_dir ({output_dir})."
+            )
+    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+        raise ValueError(
+            f"--resume_from_checkpoint {value}: {checkpoint} is not a complete Trainer checkpoint (no "
+            f"{TRAINER_STATE_NAME}; was its save interrupted?). Pass an earlier checkpoint-N folder, or delete this one."
+        )
+    return checkpoint
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The global step a checkpoint was saved at (its `trainer_state.json`), or `None` if unreadable."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_NAME)) as f:
+            return int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def batch_arithmetic(args: MethodConfig, method: str, world_size: int | None = None) -> dict[str, Any]:
@@ -220,6 +368,9 @@ def dry_run_summary(
     from policy_split_trl.embedded import resolve_model_id
 
     summary: dict[str, Any] = {"method": script_args.method, "model": model_args.model_name_or_path}
+    if training_args.resume_from_checkpoint:  # already resolved by `main`
+        step = checkpoint_step(training_args.resume_from_checkpoint)
+        summary["resume_from_checkpoint"] = f"{training_args.resume_from_checkpoint} (global step {step})"
     model_path = resolve_model_id(model_args.model_name_or_path)
     try:
         model_type, total, trainable = _count_parameters(
@@ -277,27 +428,79 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
-def main(script_args: PolicySplitScriptArguments, training_args: MethodConfig, model_args: ModelConfig) -> Any:
-    """Run (or with `dry_run`, describe) one training job; returns the trainer, or the dry-run summary."""
+def prepare_run(
+    script_args: PolicySplitScriptArguments,
+    training_args: MethodConfig,
+    explicit: Mapping[str, str] | None = None,
+) -> None:
+    """
+    Everything `main` checks and settles before loading anything: the script arguments, the method's settings
+    ([`~policy_split_trl.methods.apply_method`], with `explicit` deciding what the user set), the mode prompt file and
+    the checkpoint to resume from (`training_args.resume_from_checkpoint` becomes a folder or `None`).
+
+    Args:
+        script_args (`PolicySplitScriptArguments`), training_args (`MethodConfig`):
+            The parsed arguments; changed in place.
+        explicit (`Mapping[str, str]`, *optional*):
+            Field name -> where the user set it ([`explicit_arguments`]); without it, a value differing from the
+            default counts as set.
+    """
+    check_script_args(script_args)
+    apply_method(script_args.method, training_args, explicit)
+    dual_mode = METHODS[script_args.method].dual_mode
+    if script_args.mode_prompt_file:
+        if not dual_mode:
+            warnings.warn(
+                f"--method {script_args.method} has no high-entropy mode: --mode_prompt_file "
+                f"{script_args.mode_prompt_file} is not used in training (remove it, or pick a Policy Split method).",
+                UserWarning,
+                stacklevel=2,
+            )
+        training_args.high_entropy_system_prompt = read_mode_prompt_file(script_args.mode_prompt_file)
+    local_file = bool(script_args.dataset_name) and os.path.isfile(os.path.expanduser(script_args.dataset_name))
+    split_flags = [f for f in ("dataset_config", "dataset_train_split", "dataset_test_split") if f in (explicit or {})]
+    if local_file and split_flags:
+        warnings.warn(
+            f"--dataset_name {script_args.dataset_name} is a local file, i.e. one split: {', '.join(split_flags)} "
+            "apply only to Hub datasets and are not used; an evaluation (if any) takes its problems from the same "
+            "file.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if script_args.dual_mode_eval_steps and script_args.task not in ("math", "multiple_choice", "arithmetic"):
+        raise ValueError("--dual_mode_eval_steps needs a gradable --task (math, multiple_choice, arithmetic).")
+    training_args.resume_from_checkpoint = resolve_resume_from_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+
+
+def main(
+    script_args: PolicySplitScriptArguments,
+    training_args: MethodConfig,
+    model_args: ModelConfig,
+    explicit: Mapping[str, str] | None = None,
+) -> Any:
+    """
+    Run (or with `dry_run`, describe) one training job; returns the trainer, or the dry-run summary.
+
+    `explicit` (field name -> `"command line"` or `"recipe <path>"`, from [`explicit_arguments`]) tells which settings
+    the user wrote, so that one contradicting the method fails even when it equals the field's default; `run` passes
+    it. Every check on the arguments and on local files runs before the model loads.
+    """
     from trl import get_peft_config, get_quantization_config
 
     from policy_split_trl.embedded import resolve_model_id
     from policy_split_trl.precision import trainer_precision_warning
     from policy_split_trl.report import mode_table, plot_mode_metrics, write_mode_report
 
-    apply_method(script_args.method, training_args)
-    if script_args.mode_prompt_file:
-        with open(script_args.mode_prompt_file) as f:
-            prompt = f.read().strip()
-        if not prompt:
-            raise ValueError(f"--mode_prompt_file {script_args.mode_prompt_file} is empty.")
-        training_args.high_entropy_system_prompt = prompt
+    prepare_run(script_args, training_args, explicit)
 
     if script_args.dry_run:
         summary = dry_run_summary(script_args, training_args, model_args)
         print_summary(summary)
         return summary
 
+    reward_funcs = load_reward_funcs(script_args)  # before the data and the model: a typo fails in seconds
     model_path = resolve_model_id(model_args.model_name_or_path)
     model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -317,9 +520,11 @@ def main(script_args: PolicySplitScriptArguments, training_args: MethodConfig, m
         else None
     )
     trainer_cls = METHODS[script_args.method].trainer_class()
+    if not training_args.resume_from_checkpoint and training_args.process_index == 0:
+        _warn_if_checkpoints_would_be_overwritten(training_args.output_dir)
     trainer = trainer_cls(
         model=model_path,
-        reward_funcs=load_reward_funcs(script_args),
+        reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -331,9 +536,7 @@ def main(script_args: PolicySplitScriptArguments, training_args: MethodConfig, m
         from policy_split_trl.eval.backends import SamplingConfig
         from policy_split_trl.eval.callback import DualModeEvalCallback, problems_from_dataset
 
-        kind = {"math": "math", "multiple_choice": "multiple_choice", "arithmetic": "arithmetic"}.get(script_args.task)
-        if kind is None:
-            raise ValueError("--dual_mode_eval_steps needs a gradable --task (math, multiple_choice, arithmetic).")
+        kind = script_args.task  # a gradable task: checked by `prepare_run`
         sampling = SamplingConfig(
             temperature=training_args.temperature, top_p=training_args.top_p, top_k=training_args.top_k or 0,
             max_new_tokens=training_args.max_completion_length,
@@ -382,8 +585,59 @@ def main(script_args: PolicySplitScriptArguments, training_args: MethodConfig, m
     return trainer
 
 
+def _warn_if_checkpoints_would_be_overwritten(output_dir: str) -> None:
+    """A new run into the folder of an earlier one replaces its checkpoints of the same step: say so first."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+        print(
+            f"WARNING: {output_dir} holds checkpoints of an earlier run (latest: {get_last_checkpoint(output_dir)}); "
+            "this run starts from scratch and saves over checkpoints of the same step. To continue that run instead, "
+            "pass --resume_from_checkpoint true.",
+            file=sys.stderr,
+        )
+
+
 def make_parser(prog: str | None = None) -> TrlParser:
     return TrlParser((PolicySplitScriptArguments, MethodConfig, ModelConfig), prog=prog)
+
+
+def explicit_arguments(argv: list[str]) -> dict[str, str]:
+    """
+    The settings the user wrote, and where: field name -> `"command line"` or `"recipe <path>"` (the command line
+    wins, as in `TrlParser`). A value equal to the field's default still counts: `--eta 0.03` is set, a missing
+    `--eta` is not. A `--method` that repeats the recipe's `method` counts as the recipe's (the recipe chose it).
+
+    Args:
+        argv (`list[str]`):
+            The arguments as given to `policy-split-train` (with `--config PATH`, as `TrlParser` reads it).
+
+    Returns:
+        `dict[str, str]`.
+    """
+    import yaml
+
+    argv = list(argv)
+    explicit: dict[str, str] = {}
+    recipe: dict[str, Any] = {}
+    if "--config" in argv:  # TrlParser's own rule: the token after `--config`
+        index = argv.index("--config")
+        path = argv[index + 1]
+        del argv[index : index + 2]
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+        explicit.update({key: f"recipe {path}" for key in recipe if key != "env"})
+    # The command-line flags actually given: parse them again with every default suppressed, so that only those
+    # reach the namespace (abbreviations, `--flag=value` and `--no_flag` are handled by argparse itself).
+    parser = make_parser()
+    for action in parser._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    namespace, _ = parser.parse_known_args(argv)
+    given = vars(namespace)
+    for key in given:
+        if not (key == "method" and recipe.get("method") == given[key]):
+            explicit[key] = COMMAND_LINE
+    return explicit
 
 
 def _dry_run_requested(argv: list[str]) -> bool:
@@ -398,6 +652,7 @@ def run(argv: list[str] | None = None) -> Any:
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)  # what the user wrote, before the dry run's own `--use_cpu`
     cpu_note = None
     if _dry_run_requested(argv) and not torch.cuda.is_available() and "--use_cpu" not in argv:
         # A GPU recipe (bf16) fails TrainingArguments' device check on a CPU-only machine; a dry run still checks the
@@ -408,7 +663,7 @@ def run(argv: list[str] | None = None) -> Any:
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if cpu_note:
         print(cpu_note)
-    return main(script_args, training_args, model_args)
+    return main(script_args, training_args, model_args, explicit_arguments(given))
 
 
 def cli() -> None:
