@@ -287,7 +287,7 @@ def test_an_interrupted_training_resumes_from_its_latest_checkpoint(tiny_model_p
         ({"evaluation": {"modes": ["normal"]}}, r"\['modes'\] are set per method by the comparison"),
         ({"evaluation": {"sampling": {"temp": 1.0}}}, r"evaluation.sampling must be a mapping with keys among"),
         ({"evaluation": {"benchmarks": ["math-500"]}}, r"evaluation.benchmarks must be a list of"),
-        ({"evaluation": {"k": 0}}, r"evaluation: k must be >= 1"),
+        ({"evaluation": {"k": 0}}, r"evaluation: k must be an integer >= 1, got 0"),
         ({"train_overrides": {"output_dir": "x"}}, r"cannot set 'output_dir': each method trains into"),
         ({"train_overrides": {"max_steps": None}}, r"train_overrides.max_steps is null"),
         (
@@ -369,3 +369,203 @@ def test_the_original_model_is_evaluated_without_training(tiny_model_path, tmp_p
     assert "| Original |" in (out / "comparison.md").read_text()
     with pytest.raises(CompareConfigError, match="'original': the base model"):
         run(["--config", tiny_config(tmp_path, tiny_model_path), "--methods", "orignal", "--output_dir", str(out)])
+
+
+# ------------------------------------------------------------------ bad input, damaged state, kills while writing
+
+
+@pytest.mark.parametrize(
+    "evaluation, message",
+    [
+        ({"sampling": {"temperature": float("nan")}}, r"evaluation: sampling.temperature must be a finite number, got nan"),
+        ({"sampling": {"temperature": "6e-1"}}, r"evaluation: sampling.temperature must be a finite number, got '6e-1'"),
+        ({"sampling": {"max_new_tokens": float("inf")}}, r"evaluation: sampling.max_new_tokens must be an integer >= 1"),
+        ({"sampling": {"top_p": 0}}, r"evaluation: sampling.top_p must be in \(0.0, 1.0\]"),
+        ({"k": 2.5}, r"evaluation: k must be an integer >= 1, got 2.5"),
+        ({"limit": True}, r"evaluation: limit must be an integer >= 0 or None, got True"),
+        ({"limits": {"arithmetc": 3}}, r"evaluation: limits names \['arithmetc'\]"),
+        ({"batch_size": "16"}, r"evaluation: batch_size must be an integer >= 1, got '16'"),
+        ({"compute_kl": "no"}, r"evaluation: compute_kl must be true or false"),
+        ({"backend": "cuda"}, r"evaluation: backend must be one of"),
+        ({"sources": {"arithmetic": "no_such.jsonl"}},
+         r"evaluation: sources\['arithmetic'\]: no such file 'no_such.jsonl' .*next to the comparison config first"),
+        ({"judge": {"model": "m"}}, r"evaluation: judge is set but benchmarks \['arithmetic'\] has no creative_writing"),
+    ],
+)  # fmt: skip
+def test_bad_evaluation_settings_fail_before_any_training(tmp_path, evaluation, message):
+    with open(QUICKSTART) as f:
+        raw = yaml.safe_load(f)
+    raw["train_config"] = os.path.join(ROOT, "recipes", "quickstart.yaml")
+    sampling = {**raw["evaluation"]["sampling"], **evaluation.get("sampling", {})}
+    raw["evaluation"] = {**raw["evaluation"], **evaluation, "sampling": sampling}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CompareConfigError, match=message):
+        run(["--config", str(path), "--output_dir", str(tmp_path / "out"), "--dry_run"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, r"No such comparison config: '.*missing.yaml' does not exist"),
+        ("", r"bad.yaml is empty; it needs at least train_config, methods and output_dir"),
+        ("train_config: [unclosed\nmethods: [grpo]\n", r"bad.yaml is not valid YAML: (?s:.*)line 1, column 15"),
+        ("- grpo\n- policy_split\n", r"bad.yaml must be a YAML mapping with keys"),
+        (b"output_dir: \xff\xfe\n", r"bad.yaml is not UTF-8 text"),
+        ("train_config: {q}\nmethods: [grpo]\noutput_dir: out\nlauncher: python -m policy_split_trl.scripts.train\n",
+         r"bad.yaml: launcher must be a list of strings, e.g."),
+        ("train_config: {q}\nmethods: [grpo]\noutput_dir: out\ntrain_overrides: [max_steps, 2]\n",
+         r"bad.yaml: train_overrides must be a mapping"),
+        ("train_config: {q}\nmethods: [grpo]\noutput_dir: out\nevaluation: arithmetic\n",
+         r"bad.yaml: evaluation must be a mapping"),
+        ("train_config: [a, b]\nmethods: [grpo]\noutput_dir: out\n", r"bad.yaml: train_config must be a path"),
+        ("train_config: {q}\nmethods: [grpo]\noutput_dir: 12\n", r"bad.yaml: output_dir must be a folder path"),
+    ],
+    ids=["missing", "empty", "malformed", "a_list", "not_utf8", "launcher_string", "overrides_list",
+         "evaluation_string", "train_config_list", "output_dir_number"],
+)  # fmt: skip
+def test_unreadable_or_mistyped_comparison_yaml(tmp_path, text, message):
+    path = tmp_path / ("missing.yaml" if text is None else "bad.yaml")
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text.replace("{q}", os.path.join(ROOT, "recipes", "quickstart.yaml")))
+    with pytest.raises(CompareConfigError, match=message):
+        run(["--config", str(path), "--dry_run"])
+    exe = os.path.join(BIN, "policy-split-compare")
+    proc = subprocess.run([exe, "--config", str(path), "--dry_run"], capture_output=True, text=True, timeout=300,
+                          check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.startswith("policy-split-compare:")
+
+
+def fake_processes(monkeypatch, tiny_model_path):
+    """Training = copying the tiny model into the method's model folder; evaluation runs in this process (fast, and
+    the writes are the real ones)."""
+    import shutil
+
+    def stream(command, log_path):
+        if "--evaluate" in command:
+            try:
+                compare_module.evaluate_from_file(command[-1])
+            except SystemExit:
+                return 1
+            return 0
+        shutil.copytree(tiny_model_path, command[command.index("--output_dir") + 1], dirs_exist_ok=True)
+        return 0
+
+    monkeypatch.setattr(compare_module, "stream_process", stream)
+
+
+def without_times(rows):
+    return [{k: v for k, v in row.items() if k != "train_wall_time_s"} for row in rows]
+
+
+@pytest.fixture
+def finished(tiny_model_path, tmp_path, monkeypatch):
+    """A finished comparison of `original` and `grpo` (fake training), and the command that made it."""
+    fake_processes(monkeypatch, tiny_model_path)
+    out = tmp_path / "out"
+    argv = ["--config", tiny_config(tmp_path, tiny_model_path), "--methods", "original", "grpo", "--output_dir",
+            str(out)]  # fmt: skip
+    summary = run(argv)
+    return {"out": out, "argv": argv, "rows": summary["rows"]}
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("train_done.json", b'{"method": "grpo", "wall_ti', (r"train_done.json \(the record of a finished training\) "
+         r"is not valid JSON .*: delete it to train grpo again")),
+        ("train_done.json", b"", r"train_done.json \(the record of a finished training\) is empty: delete it"),
+        ("train_done.json", b"[1, 2]", r"holds a JSON list, not an object: delete it to train grpo again"),
+        ("train_done.json", b'{"method": "grpo"}', r"train_done.json .* lacks request/wall_time_s/steps: delete it"),
+        ("eval_config.json", b'{"model": ', (r"eval_config.json \(the settings of the last evaluation\) is not "
+         r"valid JSON .*: delete it \(the harness still checks .*eval\)")),
+    ],
+    ids=["done_cut", "done_empty", "done_list", "done_incomplete", "eval_config_cut"],
+)  # fmt: skip
+def test_a_damaged_state_file_is_an_error_naming_it_and_the_fix(finished, name, content, message):
+    out = finished["out"]
+    (out / "grpo" / name).write_bytes(content)
+    (out / "grpo" / "eval" / "results.json").unlink()  # so that the evaluation's settings are read too
+    with pytest.raises(CompareConfigError, match=message):
+        run(finished["argv"])
+
+
+def test_a_damaged_results_json_is_computed_again_without_sampling(finished, capsys):
+    out = finished["out"]
+    (out / "grpo" / "eval" / "results.json").write_text('{"per_benchmark": {"arithm')
+    summary = run(finished["argv"])
+    assert "results.json (an evaluation's results) is not valid JSON" in capsys.readouterr().out
+    saved = json.loads((out / "grpo" / "eval" / "results.json").read_text())
+    assert saved["generated_this_run"] == 0 and without_times(summary["rows"]) == without_times(finished["rows"])
+
+
+def test_a_damaged_checkpoint_state_makes_the_steps_unknown_not_wrong(tmp_path, capsys):
+    for step, text in ((2, '{"global_step": 2}'), (4, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
+    assert compare_module.trained_steps(str(tmp_path), 4) is None  # not 2: checkpoint-4 may hold the truth
+    assert "checkpoint-4/trainer_state.json (a checkpoint's trainer state) is not valid JSON" in capsys.readouterr().out
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    assert compare_module.trained_steps(str(tmp_path), 4) == 4
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["train_request.json", "train_done.json", "eval_config.json", "comparison.json", "comparison.md", "comparison.png",
+     "results.json"],
+)  # fmt: skip
+def test_a_kill_while_writing_a_state_file_leaves_the_old_version_and_a_rerun_finishes(
+    tiny_model_path, tmp_path, monkeypatch, target
+):
+    fake_processes(monkeypatch, tiny_model_path)
+    config = tiny_config(tmp_path, tiny_model_path)
+    out = tmp_path / "out"
+    run(["--config", config, "--methods", "original", "--output_dir", str(out)])  # comparison.* exist already
+    before = {path: path.read_bytes() for path in out.rglob(target)}
+    real_replace = os.replace
+    killed = []
+
+    def killed_while_writing(src, dst):
+        if os.path.basename(dst) == target and not killed:
+            killed.append(dst)
+            raise KeyboardInterrupt(f"killed while writing {dst}")
+        return real_replace(src, dst)
+
+    argv = ["--config", config, "--methods", "original", "grpo", "--output_dir", str(out)]
+    monkeypatch.setattr(compare_module.os, "replace", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        run(argv)
+    monkeypatch.setattr(compare_module.os, "replace", real_replace)
+    after = {path: path.read_bytes() for path in out.rglob(target)}
+    assert after == before  # the file being written is the previous version (or still absent): never cut
+    assert not [path for path in out.rglob("*") if ".tmp-" in path.name]
+    summary = run(argv)
+    reference = run(["--config", config, "--methods", "original", "grpo", "--output_dir", str(tmp_path / "ref")])
+    assert without_times(summary["rows"]) == without_times(reference["rows"])
+    assert json.loads((out / "comparison.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
+
+
+def test_every_file_the_driver_rewrites_goes_through_a_temporary_file(tiny_model_path, tmp_path, monkeypatch):
+    import builtins
+
+    fake_processes(monkeypatch, tiny_model_path)
+    opened = []
+    real_open = builtins.open
+
+    def recording_open(file, mode="r", *args, **kwargs):
+        path = os.path.abspath(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
+        if any(flag in mode for flag in "wax+") and f"{os.sep}model{os.sep}" not in path:  # the trained model aside
+            opened.append((os.path.basename(path), mode))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    run(["--config", tiny_config(tmp_path, tiny_model_path), "--methods", "original", "grpo", "--output_dir",
+         str(tmp_path / "out")])  # fmt: skip
+    monkeypatch.setattr(builtins, "open", real_open)
+    direct = {(name, mode) for name, mode in opened if ".tmp-" not in name}
+    assert direct <= {("generations.jsonl", "a"), ("generations.jsonl", "rb+")}  # only the appended file
+    targets = {name.split(".tmp-")[0][1:] for name, _ in opened if ".tmp-" in name}
+    assert {"train_request", "train_done", "eval_config", "comparison", "results", "generations_settings"} <= targets

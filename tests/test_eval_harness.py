@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -173,6 +174,65 @@ def test_cli_creative_writing_with_judge_never_writes_the_key(tiny_model_path, t
     for path in out.iterdir():
         assert API_KEY.encode() not in path.read_bytes(), path.name
     assert "judge (0-100)" in (out / "results.md").read_text()
+
+
+def judged_cli(tiny_model_path, out, server, monkeypatch):
+    """`policy-split-eval` (the console entry point) on 2 story prompts x k=2 x 2 modes = 8 stories, judged."""
+    from test_judge import MODEL
+
+    from policy_split_trl.scripts.evaluate import cli
+
+    argv = [*eval_args(tiny_model_path, out), "--benchmarks", "creative_writing", "--judge_base_url",
+            server.base_url, "--judge_model", MODEL]  # fmt: skip
+    monkeypatch.setattr("sys.argv", ["policy-split-eval", *argv])
+    cli()
+
+
+@pytest.mark.parametrize(
+    "replies, persistent, requests, failed, message",
+    [
+        ([], ({"error": "bad key"}, 401), 1, 1, r"scored none of the 8 stories .*: HTTP 401 \(the API key is missing"),
+        ([], ({"error": "overloaded"}, 500), 3 * 3, 3,  # 3 stories x (1 call + 2 retries), then no more
+         r"scored none of the 8 stories .*: 3 stories in a row failed the same way \(HTTP 500\)"),
+        ([], ("Nice story!", 200), 3, 3, r"scored none of the 8 stories .*3 stories in a row .*\(unparseable reply\)"),
+        ([None, None], ({"error": "revoked"}, 403), 3, 1, r"the judge was stopped after scoring 2 of 8 stories: HTTP 403"),
+    ],
+    ids=["auth", "server_error", "unparseable", "stopped_midway"],
+)  # fmt: skip
+def test_a_failing_judge_stops_early_and_the_cli_exits_non_zero(
+    tiny_model_path, tmp_path, monkeypatch, replies, persistent, requests, failed, message
+):
+    from test_judge import FakeOpenAIServer, paper_reply
+
+    from policy_split_trl.eval import judge as judge_module
+
+    monkeypatch.setattr(judge_module.time, "sleep", lambda seconds: None)  # the retries' backoff
+    server = FakeOpenAIServer()
+    try:
+        for _ in replies:
+            server.reply(paper_reply(7, 6, 8, 5, 9))
+        server.always(*persistent)
+        out = tmp_path / "judged"
+        with pytest.raises(SystemExit) as exit_:
+            judged_cli(tiny_model_path, out, server, monkeypatch)
+        assert len(server.requests) == requests  # not 8 stories x (1 + retries)
+        assert isinstance(exit_.value.code, str) and exit_.value.code.startswith("policy-split-eval: the judge")
+        assert re.search(message, exit_.value.code) and "rerun the same command" in exit_.value.code
+        saved = json.loads((out / "results.json").read_text())  # everything else was written first
+        status = saved["judge_status"]
+        assert re.search(message, status["error"]) and status["stories"] == 8 and status["scored"] == len(replies)
+        assert sum(j["n_skipped"] for j in saved["judge"].values()) == 8 - len(replies) - failed  # not sent
+        assert "Judge: the judge" in (out / "results.md").read_text()
+        assert len((out / "generations.jsonl").read_text().splitlines()) == 8
+
+        # Once the judge works, the same command judges again without sampling again, and exits 0.
+        server.always(paper_reply(5, 5, 5, 5, 5))
+        judged_cli(tiny_model_path, out, server, monkeypatch)
+        saved = json.loads((out / "results.json").read_text())
+        assert saved["judge_status"] == {"stories": 8, "scored": 8, "stopped": None, "error": None}
+        assert saved["generated_this_run"] == 0
+    finally:
+        server.close()
 
 
 def test_vllm_backend_maps_sampling_and_scores_with_transformers(tiny_model_path, monkeypatch):

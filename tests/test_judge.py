@@ -14,8 +14,10 @@ import pytest
 
 from policy_split_trl.eval.creative import CREATIVE_WRITING_PROMPTS
 from policy_split_trl.eval.judge import (
+    JUDGE_MAX_CONSECUTIVE_FAILURES,
     JUDGE_PROMPT,
     RUBRICS,
+    JudgeCircuitBreaker,
     JudgeResult,
     OpenAIJudge,
     TransformersJudge,
@@ -43,10 +45,12 @@ def paper_reply(creativity: float, originality: float, narrative: float, emotion
 
 
 class FakeOpenAIServer:
-    """`POST /v1/chat/completions` answering canned replies in order (a default good reply when none is queued)."""
+    """`POST /v1/chat/completions` answering canned replies in order (`default`, a good reply unless set with
+    `always`, when none is queued)."""
 
     def __init__(self) -> None:
         self.queue: list[tuple[int, Any, dict[str, str]]] = []
+        self.default: tuple[int, Any, dict[str, str]] = (200, paper_reply(5, 5, 5, 5, 5), {})
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         server = self
@@ -70,9 +74,7 @@ class FakeOpenAIServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 self._record(body)
                 with server.lock:
-                    status, payload, headers = (
-                        server.queue.pop(0) if server.queue else (200, paper_reply(5, 5, 5, 5, 5), {})
-                    )
+                    status, payload, headers = server.queue.pop(0) if server.queue else server.default
                 if payload == "ECHO_AUTH":  # a server that (badly) echoes credentials in its error body
                     payload = {"error": f"invalid key {self.headers.get('Authorization')}"}
                 if status == 200 and isinstance(payload, str):
@@ -101,6 +103,10 @@ class FakeOpenAIServer:
 
     def reply(self, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
         self.queue.append((status, content, headers or {}))
+
+    def always(self, content: Any, status: int = 200) -> None:
+        """Answer every request that finds the queue empty with this (a persistent failure)."""
+        self.default = (status, content, {})
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -290,9 +296,9 @@ def test_openai_judge_failures_are_errors_not_zeros(server, caplog):
     judge = make_judge(server, max_retries=1)
     server.reply({"error": "down"}, status=503)
     server.reply({"error": "still down"}, status=503)  # retries exhausted -> error
-    server.reply("ECHO_AUTH", status=401)  # not retried; its body echoes the key
     server.reply(b"not json at all")  # malformed body: retried ...
     server.reply(paper_reply(1, 2, 3, 4, 5))  # ... and then fine
+    server.reply("ECHO_AUTH", status=401)  # not retried (and stops the judge); its body echoes the key
     items = [("p", "a"), ("p", "b"), ("p", "c")]
 
     with caplog.at_level(logging.WARNING):
@@ -303,10 +309,81 @@ def test_openai_judge_failures_are_errors_not_zeros(server, caplog):
     assert summary["creativity"] == 10.0 and summary["imagery"] == 50.0 and summary["overall"] == 30.0
     first, second, third = summary["results"]
     assert first["scores"] is None and first["raw"] == "" and first["error"].startswith("HTTP 503")
-    assert second["error"].startswith("HTTP 401") and "***" in second["error"]
-    assert third["error"] is None
+    assert first["error_kind"] == "HTTP 503" and second["error"] is None
+    assert third["error"].startswith("HTTP 401") and "***" in third["error"]
+    assert summary["stopped"].startswith("HTTP 401") and "***" in summary["stopped"]
     for text in (json.dumps(summary), caplog.text):
         assert API_KEY not in text
+
+
+# ------------------------------------------------------------------------------------------------ circuit breaker
+
+
+@pytest.mark.parametrize("status, hint", [(401, "POLICY_SPLIT_JUDGE_API_KEY"), (403, "may not use"),
+                                          (404, "base URL")])  # fmt: skip
+def test_an_auth_or_not_found_error_stops_the_judge_at_once(server, status, hint):
+    server.always({"error": "no"}, status=status)
+    judge = make_judge(server, max_retries=2)
+    breaker = JudgeCircuitBreaker()
+    items = [("p", str(i)) for i in range(6)]
+    summary = judge_stories(judge, items, progress=False, return_results=True, breaker=breaker)
+    assert len(server.requests) == 1  # not once per story (nor retried)
+    assert (summary["n_errors"], summary["n_skipped"], summary["n_scored"]) == (1, 5, 0)
+    assert summary["stopped"].startswith(f"HTTP {status} (") and hint in summary["stopped"]
+    assert all(r["error_kind"] == "skipped" and r["error"].startswith("not sent: ") for r in summary["results"][1:])
+    # The same breaker stops the next call (e.g. the next mode) before any request.
+    again = judge_stories(judge, items, progress=False, breaker=breaker)
+    assert len(server.requests) == 1 and again["n_skipped"] == 6 and again["stopped"] == summary["stopped"]
+
+
+@pytest.mark.parametrize(
+    "content, status, kind",
+    [({"error": "boom"}, 500, "HTTP 500"), (b"not json at all", 200, "malformed response"),
+     ("I refuse to grade stories.", 200, "unparseable reply")],
+    ids=["server_error", "malformed_body", "unparseable_reply"],
+)  # fmt: skip
+def test_repeated_identical_failures_stop_the_judge(server, content, status, kind):
+    server.always(content, status=status)
+    judge = make_judge(server, max_retries=2)
+    summary = judge_stories(judge, [("p", str(i)) for i in range(10)], progress=False)
+    n = JUDGE_MAX_CONSECUTIVE_FAILURES
+    calls_per_story = 1 if kind == "unparseable reply" else 3  # a failed call is retried max_retries times first
+    assert len(server.requests) == n * calls_per_story  # then nothing more: 10 stories would be 10x that
+    assert summary["n_scored"] == 0 and summary["n_skipped"] == 10 - n
+    assert summary["n_errors"] + summary["n_unparseable"] == n
+    assert summary["stopped"].startswith(f"{n} stories in a row failed the same way ({kind})")
+    if kind == "unparseable reply":
+        assert "I refuse to grade stories." in summary["stopped"]  # the reply, to see what the judge does
+
+
+def test_mixed_or_interrupted_failures_do_not_stop_the_judge(server):
+    judge = make_judge(server, max_retries=0)
+    n = JUDGE_MAX_CONSECUTIVE_FAILURES
+    # n-1 failures of one kind, a failure of another kind, n-1 of the first again; then n-1, a success, n-1.
+    for _ in range(n - 1):
+        server.reply({"error": "boom"}, status=500)
+    server.reply("unreadable")
+    for _ in range(n - 1):
+        server.reply({"error": "boom"}, status=500)
+    for _ in range(n - 1):
+        server.reply("unreadable")
+    server.reply(paper_reply(1, 2, 3, 4, 5))
+    for _ in range(n - 1):
+        server.reply("unreadable")
+    items = [("p", str(i)) for i in range(4 * (n - 1) + 2)]
+    summary = judge_stories(judge, items, progress=False)
+    assert len(server.requests) == len(items) and summary["stopped"] is None and summary["n_skipped"] == 0
+    assert (summary["n_scored"], summary["n_errors"]) == (1, 2 * (n - 1))
+
+
+def test_the_breaker_stops_concurrent_calls(server):
+    server.always({"error": "no"}, status=401)
+    judge = make_judge(server)
+    summary = judge_stories(judge, [("p", str(i)) for i in range(40)], progress=False, num_workers=4)
+    assert len(server.requests) <= 4  # at most the calls already in flight when the first 401 came back
+    assert summary["n_skipped"] >= 36 and summary["stopped"].startswith("HTTP 401")
+    with pytest.raises(ValueError, match="max_consecutive_failures must be an integer >= 1"):
+        JudgeCircuitBreaker(0)
 
 
 def test_openai_judge_does_not_follow_redirects(server):

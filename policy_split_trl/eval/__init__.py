@@ -1,6 +1,15 @@
 """Dual-mode evaluation: the paper's measurements (Tables 1, 2, 5, 6, 7) for any model, both modes side by side."""
 
 from .backends import SamplingConfig, TransformersBackend, make_backend
-from .harness import EvalConfig, evaluate_modes
+from .checks import EvalConfigError
+from .harness import EvalConfig, GenerationsFileError, evaluate_modes
 
-__all__ = ["EvalConfig", "SamplingConfig", "TransformersBackend", "evaluate_modes", "make_backend"]
+__all__ = [
+    "EvalConfig",
+    "EvalConfigError",
+    "GenerationsFileError",
+    "SamplingConfig",
+    "TransformersBackend",
+    "evaluate_modes",
+    "make_backend",
+]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_int, check_number
 from .metrics import token_entropy_bits, token_logprobs
 
 Messages = list[dict[str, Any]]
@@ -28,13 +29,17 @@ class SamplingConfig:
 
     Args:
         temperature (`float`, *optional*, defaults to `0.6`):
-            Sampling temperature (> 0).
+            Sampling temperature, finite and > 0.
         top_p (`float`, *optional*, defaults to `0.95`):
-            Nucleus sampling.
+            Nucleus sampling, in (0, 1].
         top_k (`int`, *optional*, defaults to `20`):
-            Top-k sampling; `0` disables it.
+            Top-k sampling, an integer >= 0; `0` disables it.
         max_new_tokens (`int`, *optional*, defaults to `32768`):
-            Longest completion.
+            Longest completion, an integer >= 1.
+
+    Raises:
+        [`~policy_split_trl.eval.checks.EvalConfigError`] (a `ValueError`): a field of the wrong type (a bool, a string,
+        a float where an integer is needed), NaN or infinite, or out of range; the message names it.
     """
 
     temperature: float = 0.6
@@ -43,12 +48,12 @@ class SamplingConfig:
     max_new_tokens: int = 32768
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (the harness samples), got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0 or self.max_new_tokens < 1:
-            raise ValueError("top_k must be >= 0 and max_new_tokens >= 1.")
+        # Finite and typed: a NaN temperature passes `<= 0` and `inf` new tokens passes `< 1`, and a YAML string
+        # ("6e-1") would only fail at the first comparison, without saying which field.
+        check_number("sampling.temperature", self.temperature, 0.0, low_open=True)  # > 0: the harness samples
+        check_number("sampling.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_int("sampling.top_k", self.top_k, minimum=0)
+        check_int("sampling.max_new_tokens", self.max_new_tokens, minimum=1)
 
 
 @dataclass

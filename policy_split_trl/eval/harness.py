@@ -5,11 +5,18 @@ by side.
 context (full-vocabulary token entropy in bits) and, for each non-normal mode, under the normal context too (the
 forward KL of Table 5), grades it, and appends it to `generations.jsonl` as it goes, so that a crashed or interrupted
 run restarts where it stopped. It then writes `results.json`, `results.md` and PNG plots.
+
+Resuming gives exactly the records of an uninterrupted run, wherever the file was cut: a last line without its newline
+(a write cut short) and the records of a problem whose k samples are not all there are dropped, and the whole batch
+they belong to is sampled again with its own seed (only its missing problems are appended). Any other damage (a line
+that is not a record, a sample twice, a problem short of samples before the end) is a [`GenerationsFileError`] naming
+the file and line, and `generations_settings.json` refuses to resume samples drawn with other settings.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -24,10 +31,27 @@ from tqdm.auto import tqdm
 from ..modes import MODE_PROMPTS, NORMAL_MODE, apply_system_prompt
 from ..rewards import arithmetic_reward, math_accuracy_reward, multiple_choice_reward
 from .backends import SamplingConfig, Scored, make_backend
+from .checks import (
+    EvalConfigError,
+    check_bool,
+    check_int,
+    check_mapping,
+    check_text,
+    check_text_list,
+)
+from .files import DamagedFileError, atomic_write_json, read_json_file
 from .metrics import avg_at_k, pass_at_k, token_weighted_mean, unique_solved
 
+logger = logging.getLogger(__name__)
+
 GENERATIONS_FILE = "generations.jsonl"
+# What the samples in generations.jsonl were drawn with: a rerun with other settings must not resume them.
+GENERATION_SETTINGS_FILE = "generations_settings.json"
 ENTROPY_TEMPERATURES = ("sampling", "raw")
+BACKENDS = ("auto", "transformers", "vllm")
+# `judge` settings: an OpenAI-compatible endpoint, or a local transformers model.
+JUDGE_ENDPOINT_KEYS = ("base_url", "model")
+JUDGE_LOCAL_KEYS = ("local_model",)
 
 
 @dataclass
@@ -74,10 +98,16 @@ class EvalConfig:
         compute_kl (`bool`, *optional*, defaults to `True`):
             Score each non-normal mode's samples under the normal context for KL(pi_mode || pi).
         judge (`dict`, *optional*):
-            LLM-as-judge for creative writing: `{"base_url": ..., "model": ...}` for an OpenAI-compatible endpoint
-            (key from `POLICY_SPLIT_JUDGE_API_KEY`), or `{"local_model": path}`.
+            LLM-as-judge for creative writing (needs `creative_writing` in `benchmarks`): `{"base_url": ...,
+            "model": ...}` for an OpenAI-compatible endpoint (key from `POLICY_SPLIT_JUDGE_API_KEY`), or
+            `{"local_model": path}`.
         progress (`bool`, *optional*, defaults to `True`):
             Show progress bars.
+
+    Raises:
+        [`~policy_split_trl.eval.checks.EvalConfigError`] (a `ValueError`): a field of the wrong type or out of range,
+        an unknown benchmark, mode or backend, a `sources`/`limits` entry for a benchmark not evaluated, a local
+        source file that does not exist or is empty; the message names the field and the fix.
     """
 
     model: str
@@ -101,18 +131,69 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.entropy_temperature not in ENTROPY_TEMPERATURES:
-            raise ValueError(
-                f"entropy_temperature must be one of {ENTROPY_TEMPERATURES}, got {self.entropy_temperature!r}."
-            )
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}.")
-        if not self.modes:
-            raise ValueError("modes must name at least one mode.")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (types, ranges, names, local files); raise [`EvalConfigError`] naming the first bad one."""
+        from .benchmarks import BENCHMARKS
+
+        check_text("model", self.model)
+        check_text("adapter", self.adapter, optional=True)
+        if not isinstance(self.output_dir, str):  # "" is allowed here: the training callback writes no files
+            raise EvalConfigError(f"output_dir must be a folder path (a string), got {self.output_dir!r}.")
+        check_text_list("benchmarks", self.benchmarks)
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown:
+            raise EvalConfigError(f"Unknown benchmark(s) {unknown} in benchmarks; choose from {sorted(BENCHMARKS)}.")
+        check_mapping("sources", self.sources, keys_from=sorted(BENCHMARKS))
+        for name, source in self.sources.items():
+            _check_source(name, source)
+        check_int("limit", self.limit, minimum=0, optional=True)
+        check_mapping("limits", self.limits, keys_from=sorted(BENCHMARKS))
+        for name, limit in self.limits.items():
+            check_int(f"limits[{name!r}]", limit, minimum=0)
+        check_mapping("mode_prompts", self.mode_prompts)
+        for name, prompt in self.mode_prompts.items():
+            check_text(f"mode_prompts[{name!r}]", prompt)  # an empty system prompt is no mode at all
+        check_text_list("modes", self.modes)
         known = {**MODE_PROMPTS, **self.mode_prompts}
         unknown = [m for m in self.modes if m not in known]
         if unknown:
-            raise ValueError(f"Unknown mode(s) {unknown}; known: {sorted(known)} (add yours with mode_prompts).")
+            raise EvalConfigError(
+                f"Unknown mode(s) {unknown}; known: {sorted(known)} (add yours with mode_prompts)."
+            )
+        check_int("k", self.k, minimum=1)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise EvalConfigError(f"sampling must be a SamplingConfig, got {self.sampling!r}.")
+        if self.entropy_temperature not in ENTROPY_TEMPERATURES:
+            raise EvalConfigError(
+                f"entropy_temperature must be one of {ENTROPY_TEMPERATURES}, got {self.entropy_temperature!r}."
+            )
+        check_int("batch_size", self.batch_size, minimum=1)
+        if self.backend not in BACKENDS:
+            raise EvalConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
+        check_mapping("chat_template_kwargs", self.chat_template_kwargs)
+        check_int("seed", self.seed)
+        check_bool("compute_kl", self.compute_kl)
+        check_bool("progress", self.progress)
+        self._validate_judge()
+
+    def _validate_judge(self) -> None:
+        if self.judge is None:
+            return
+        check_mapping("judge", self.judge, keys_from=(*JUDGE_ENDPOINT_KEYS, *JUDGE_LOCAL_KEYS))
+        if "local_model" in self.judge:
+            if set(self.judge) & set(JUDGE_ENDPOINT_KEYS):
+                raise EvalConfigError(f"judge: give either local_model or base_url/model, not both: {self.judge!r}.")
+            check_text("judge.local_model", self.judge["local_model"])
+        else:
+            for key in JUDGE_ENDPOINT_KEYS:  # None: taken from the environment (see OpenAIJudge)
+                check_text(f"judge.{key}", self.judge.get(key), optional=True)
+        if "creative_writing" not in self.benchmarks:
+            raise EvalConfigError(
+                f"judge is set but benchmarks {list(self.benchmarks)} has no creative_writing, the only benchmark the "
+                "judge scores: add creative_writing, or drop the judge settings."
+            )
 
     @property
     def system_prompts(self) -> dict[str, str | None]:
@@ -124,22 +205,166 @@ class EvalConfig:
         return self.sampling.temperature if self.entropy_temperature == "sampling" else 1.0
 
 
+def _check_source(benchmark: str, source: Any) -> None:
+    """A local benchmark file must exist and hold something; other strings are Hub ids, checked when loaded."""
+    from ..data import LOCAL_FORMATS
+
+    check_text(f"sources[{benchmark!r}]", source)
+    if benchmark == "creative_writing":
+        raise EvalConfigError("sources: creative_writing takes no source, its 13 prompts ship with the package.")
+    if os.path.isfile(source):
+        if os.path.getsize(source) == 0:
+            raise EvalConfigError(f"sources[{benchmark!r}]: {source} is empty; pass the benchmark's file.")
+        return
+    if os.path.isdir(source):
+        raise EvalConfigError(f"sources[{benchmark!r}]: {source} is a folder; pass the benchmark's file.")
+    if os.path.splitext(source)[1].lower() in LOCAL_FORMATS or benchmark == "arithmetic":  # else: a Hub id
+        raise EvalConfigError(
+            f"sources[{benchmark!r}]: no such file {source!r} (looked for {os.path.abspath(source)}: a relative path is "
+            f"relative to the working directory, {os.getcwd()}); pass an existing json/jsonl/parquet/csv file."
+        )
+
+
 def _record_key(record: dict) -> tuple[str, str, str]:
     return record["benchmark"], record["problem_id"], record["mode"]
 
 
-def read_generations(path: str) -> list[dict]:
-    """Records of `generations.jsonl`; a last line cut short by a crash is ignored."""
+class GenerationsFileError(DamagedFileError):
+    """`generations.jsonl` is damaged or was sampled with other settings; the message names the file, line and fix."""
+
+
+# Field -> accepted types of a generations.jsonl record (what `iter_records` writes).
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "benchmark": (str,), "problem_id": (str,), "mode": (str,), "sample": (int,), "kind": (str,),
+    "completion": (str,), "num_tokens": (int,), "correct": (bool, type(None)), "entropy_bits": (list,),
+    "kl_sum": (int, float, type(None)),
+}  # fmt: skip
+
+
+def _fix_line(path: str, line: int) -> str:
+    return (
+        f"keep the lines before it to resume from there (`head -n {line - 1} {path} > fixed && mv fixed {path}`), "
+        "or delete the file to sample everything again"
+    )
+
+
+def _parse_record(path: str, line: int, text: bytes) -> dict:
+    """One complete line of `generations.jsonl` as a record, or a [`GenerationsFileError`] naming file and line."""
+    where = f"{path} line {line}"
+    if not text.strip():
+        raise GenerationsFileError(f"{where} is empty: {_fix_line(path, line)}.")
+    try:
+        record = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GenerationsFileError(
+            f"{where} is not valid JSON ({error}; cut short or overwritten?): {_fix_line(path, line)}."
+        ) from None
+    if not isinstance(record, dict):
+        raise GenerationsFileError(f"{where} is not a generation record (a JSON object): {_fix_line(path, line)}.")
+    missing = [name for name in _RECORD_FIELDS if name not in record]
+    if missing:
+        raise GenerationsFileError(f"{where} lacks {missing}: {_fix_line(path, line)}.")
+    for name, types in _RECORD_FIELDS.items():
+        value = record[name]
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            raise GenerationsFileError(f"{where}: {name} has the wrong type ({value!r}): {_fix_line(path, line)}.")
+    if record["sample"] < 0 or record["num_tokens"] < 0 or len(record["entropy_bits"]) != record["num_tokens"]:
+        raise GenerationsFileError(
+            f"{where}: sample and num_tokens must be >= 0 and num_tokens the number of entropies "
+            f"(sample {record['sample']}, num_tokens {record['num_tokens']}, {len(record['entropy_bits'])} "
+            f"entropies): {_fix_line(path, line)}."
+        )
+    return record
+
+
+@dataclass
+class _Line:
+    number: int  # 1-based
+    start: int  # byte offset of the line's first byte
+    record: dict
+
+
+def _scan_generations(path: str) -> tuple[list[_Line], int]:
+    """
+    Every complete line of `generations.jsonl` (one ending with a newline) as a checked record, and the byte offset
+    where the complete lines end.
+
+    The writer puts a record and its newline in one write, so a last line without a newline is a write cut short (a
+    crash, a full disk): it is left out. Any other line that is not a record raises [`GenerationsFileError`].
+    """
     if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+        return [], 0
+    if not os.path.isfile(path):
+        raise GenerationsFileError(f"{path} is not a file: delete it (or use another output_dir).")
+    lines, offset = [], 0
+    with open(path, "rb") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.endswith(b"\n"):  # only the last line can lack it
                 break
-    return records
+            lines.append(_Line(number, offset, _parse_record(path, number, text)))
+            offset += len(text)
+    return lines, offset
+
+
+def read_generations(path: str) -> list[dict]:
+    """
+    The records of `generations.jsonl` (`[]` if there is none).
+
+    A last line without its newline (a write cut short by a crash) is left out; any other line that is not a
+    complete record raises [`GenerationsFileError`] naming the file and line, never skipped silently.
+    """
+    return [line.record for line in _scan_generations(path)[0]]
+
+
+def resume_point(path: str, k: int) -> tuple[list[dict], int]:
+    """
+    Where a run that appends to `path` must start: the records to keep and the byte length of the file they fill.
+
+    An interrupted run leaves a prefix of what the uninterrupted run writes: whole problems (k samples each, in
+    order), then possibly some samples of the next problem, then possibly a line cut short. Those last two are dropped
+    (the batch is sampled again). Anything else — a sample twice, a sample index >= k, a problem short of samples with
+    other records after it — is not what a crash leaves and raises [`GenerationsFileError`].
+
+    Args:
+        path (`str`):
+            The `generations.jsonl` file.
+        k (`int`):
+            Samples per problem and mode.
+
+    Returns:
+        `tuple[list[dict], int]`: the records of complete problems, and the byte offset to cut the file at.
+    """
+    lines, complete = _scan_generations(path)
+    by_key: dict[tuple[str, str, str], list[_Line]] = defaultdict(list)
+    for line in lines:
+        key, sample = _record_key(line.record), line.record["sample"]
+        if any(other.record["sample"] == sample for other in by_key[key]):
+            raise GenerationsFileError(
+                f"{path} line {line.number}: sample {sample} of {key} is there more than once (two runs appending "
+                f"at the same time, or a file written by an older version that appended after a cut line): "
+                f"{_fix_line(path, line.number)}."
+            )
+        if sample >= k:
+            raise GenerationsFileError(
+                f"{path} line {line.number}: sample {sample} of {key}, but k={k}: it was sampled with a larger k; "
+                "rerun with that k, or use another output_dir."
+            )
+        by_key[key].append(line)
+    tail_key = _record_key(lines[-1].record) if lines else None
+    cut = complete
+    for key, group in by_key.items():
+        if len(group) == k:
+            continue
+        if key == tail_key and all(line.number > len(lines) - len(group) for line in group):
+            cut = group[0].start  # the samples of the problem in flight when the run stopped
+            continue
+        raise GenerationsFileError(
+            f"{path} line {group[-1].number}: {key} has {len(group)} of k={k} samples, and other records follow "
+            f"them (not what an interrupted run leaves: another k, or an edited file): "
+            f"{_fix_line(path, group[-1].number)}."
+        )
+    kept = [line.record for line in lines if line.start < cut]
+    return kept, cut
 
 
 _GRADERS = {"math": math_accuracy_reward, "multiple_choice": multiple_choice_reward, "arithmetic": arithmetic_reward}
@@ -176,19 +401,25 @@ def iter_records(
             `(benchmark, problem_id, mode)` keys to skip (already complete).
 
     Yields:
-        `list[dict]`: the records of one batch (k per problem), ready for `generations.jsonl`.
+        `list[dict]`: the records of one batch (k per problem), except those of its problems already in `done`,
+        ready for `generations.jsonl`.
+
+    Batches are always cut from the full problem list, and a batch with any problem to do is sampled whole with its
+    own seed, so a resumed run draws exactly what an uninterrupted one would (the batch's prompts are padded and
+    sampled together: the same problems with others around them would draw other samples).
     """
     done = done or set()
     temperature = config.score_temperature
+    per_call = max(1, config.batch_size // config.k)
     for benchmark, items in problems.items():
         for mode_index, (mode, system_prompt) in enumerate(config.system_prompts.items()):
-            todo = [p for p in items if (benchmark, p.id, mode) not in done]
-            if not todo:
+            batches = [items[start : start + per_call] for start in range(0, len(items), per_call)]
+            batches = [b for b in batches if any((benchmark, p.id, mode) not in done for p in b)]
+            if not batches:
                 continue
-            per_call = max(1, config.batch_size // config.k)
-            bar = tqdm(total=len(todo), desc=f"{benchmark} [{mode}]", unit="problem", disable=not config.progress)
-            for start in range(0, len(todo), per_call):
-                batch = todo[start : start + per_call]
+            todo = sum((benchmark, p.id, mode) not in done for b in batches for p in b)
+            bar = tqdm(total=todo, desc=f"{benchmark} [{mode}]", unit="problem", disable=not config.progress)
+            for batch in batches:
                 prompts = [apply_system_prompt(p.prompt, system_prompt) for p in batch]
                 # A seed per (benchmark, mode, problem batch): a resumed run draws what an uninterrupted one would.
                 seed = zlib.crc32(f"{config.seed}|{benchmark}|{mode_index}|{batch[0].id}".encode())
@@ -202,6 +433,9 @@ def iter_records(
                 texts = _decode(backend, flat)
                 records, index = [], 0
                 for problem, group in zip(batch, samples, strict=True):
+                    if (benchmark, problem.id, mode) in done:  # sampled again only to keep the batch as it was
+                        index += len(group)
+                        continue
                     grades = _grade(problem, texts[index : index + len(group)])
                     for j in range(len(group)):
                         i = index + j
@@ -216,25 +450,123 @@ def iter_records(
                         })  # fmt: skip
                     index += len(group)
                 yield records
-                bar.update(len(batch))
+                bar.update(len(records) // config.k)
             bar.close()
 
 
-def generate_and_score(config: EvalConfig, backend: Any, problems: dict[str, list], path: str) -> int:
+def prepare_generations(path: str, config: EvalConfig) -> set[tuple[str, str, str]]:
     """
-    Run [`iter_records`] for everything not yet complete in `path` and append each batch to it as soon as it is done,
-    so an interrupted run loses at most the batch in flight.
+    Make `path` ready to append to, and return the `(benchmark, problem_id, mode)` keys it already has in full.
+
+    Checks the file line by line and against the settings its samples were drawn with (`generations_settings.json`
+    next to it), then drops what an interruption left unfinished (see [`resume_point`]). Nothing is changed when a
+    check fails.
+
+    Raises:
+        [`GenerationsFileError`]: a damaged line (naming file and line), or samples drawn with other settings.
+    """
+    records, cut = resume_point(path, config.k)
+    check_generation_settings(os.path.dirname(path), config, has_samples=bool(records))
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    if cut < size:
+        logger.warning(
+            "%s: dropping its last %d bytes (a line cut short and/or the samples of an unfinished problem); their "
+            "batch is sampled again.",
+            path,
+            size - cut,
+        )
+        with open(path, "rb+") as f:  # truncating is one step: a crash leaves the old or the cut file
+            f.truncate(cut)
+            os.fsync(f.fileno())
+    return _completed(records, config.k)
+
+
+def generate_and_score(
+    config: EvalConfig, backend: Any, problems: dict[str, list], path: str, done: set | None = None
+) -> int:
+    """
+    Run [`iter_records`] for everything not yet complete in `path` and append each batch to it as soon as it is done
+    (flushed to disk), so an interrupted run loses at most the batch in flight.
+
+    Args:
+        done (`set`, *optional*):
+            What [`prepare_generations`] returned for `path`; it is called here when `None`.
 
     Returns:
         `int`: number of completions generated by this call (0 when everything was already done).
     """
+    if done is None:
+        done = prepare_generations(path, config)
     generated = 0
-    with open(path, "a") as out:
-        for records in iter_records(config, backend, problems, _completed(read_generations(path), config.k)):
-            out.writelines(json.dumps(record) + "\n" for record in records)
+    with open(path, "a", encoding="utf-8") as out:
+        for records in iter_records(config, backend, problems, done):
+            # One write per batch, each record with its newline: a crash can only cut the file, never mix lines.
+            out.write("".join(json.dumps(record) + "\n" for record in records))
             out.flush()
+            os.fsync(out.fileno())
             generated += len(records)
     return generated
+
+
+def generation_settings(config: EvalConfig) -> dict[str, Any]:
+    """What determines the samples of a run (so a resume must keep it): model, k, sampling, seed, prompts, ..."""
+
+    def local(path: str | None) -> str | None:  # a folder named relatively or absolutely is the same model
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+
+    settings = {
+        "model": local(config.model), "adapter": local(config.adapter), "k": config.k,
+        "sampling": asdict(config.sampling), "seed": config.seed, "entropy_temperature": config.entropy_temperature,
+        "chat_template_kwargs": config.chat_template_kwargs, "compute_kl": config.compute_kl,
+        "system_prompts": config.system_prompts,
+    }  # fmt: skip
+    return json.loads(json.dumps(settings))
+
+
+def check_generation_settings(output_dir: str, config: EvalConfig, has_samples: bool) -> None:
+    """
+    Refuse to resume samples drawn with other settings (they would be averaged with this run's), then record this
+    run's settings (adding its new modes) in `generations_settings.json`.
+
+    Args:
+        output_dir (`str`):
+            The run's folder.
+        config (`EvalConfig`):
+            This run.
+        has_samples (`bool`):
+            Whether `generations.jsonl` holds samples to resume.
+
+    Raises:
+        [`GenerationsFileError`]: naming the settings that differ and the fix.
+    """
+    path = os.path.join(output_dir, GENERATION_SETTINGS_FILE)
+    fix = f"delete it and {GENERATIONS_FILE} to sample everything again"
+    saved = read_json_file(path, "the settings the samples were drawn with", fix) if has_samples else None
+    current = generation_settings(config)
+    if saved is None and has_samples:
+        logger.warning(
+            "%s has no %s (written before it existed): assuming its samples were drawn with this run's settings.",
+            os.path.join(output_dir, GENERATIONS_FILE),
+            GENERATION_SETTINGS_FILE,
+        )
+    if saved is not None:
+        changed = [key for key in current if key != "system_prompts" and saved.get(key) != current[key]]
+        changed += [
+            f"system prompt of {mode!r}"
+            for mode, prompt in current["system_prompts"].items()
+            if mode in saved.get("system_prompts", {}) and saved["system_prompts"][mode] != prompt
+        ]
+        if changed:
+            was = {key: saved.get(key) for key in changed if key in current}
+            now = {key: current[key] for key in changed if key in current}
+            raise GenerationsFileError(
+                f"{os.path.join(output_dir, GENERATIONS_FILE)} holds samples drawn with other settings: {changed} "
+                f"differ ({was} then, {now} now; see {path}). Rerun with the same settings to resume, or use another "
+                f"output_dir (or delete {GENERATIONS_FILE} and {GENERATION_SETTINGS_FILE}) to evaluate anew."
+            )
+        current["system_prompts"] = {**saved.get("system_prompts", {}), **current["system_prompts"]}
+    if saved != current:
+        atomic_write_json(path, current)
 
 
 def _decode(backend: Any, completions: list[list[int]]) -> list[str]:
@@ -358,9 +690,43 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def load_problems(config: EvalConfig) -> dict[str, list]:
+    """
+    The problems of every benchmark of `config`, with the failure to read a local source file named.
+
+    Raises:
+        [`EvalConfigError`]: a source file that cannot be read (naming the benchmark, the file and, for a JSON Lines
+        file, the first line that is not JSON), or a benchmark whose problem ids repeat (their samples would mix).
+    """
+    from .benchmarks import load_benchmark
+
+    problems = {}
+    for name in config.benchmarks:
+        source = config.sources.get(name)
+        try:
+            items = load_benchmark(name, source=source, limit=config.limits.get(name, config.limit))
+        except Exception as error:
+            if source is None or not os.path.isfile(source):
+                raise  # the Hub's own message says what failed
+            # `data.load_local_file` names the file and, for JSON, the first line that does not parse.
+            raise EvalConfigError(f"{name}: cannot read its source file: {error}") from error
+        repeated = sorted({p.id for p in items if sum(q.id == p.id for q in items) > 1})[:5]
+        if repeated:
+            raise EvalConfigError(
+                f"{name}: problem ids {repeated} repeat in {source or 'the dataset'}; each problem needs its own id "
+                "(its samples are stored under it): make the file's `id` column unique, or drop it."
+            )
+        problems[name] = items
+    return problems
+
+
 def evaluate_modes(config: EvalConfig, backend: Any = None) -> dict[str, Any]:
     """
     Run (or resume) a dual-mode evaluation and write its outputs into `config.output_dir`.
+
+    Everything that can be checked without the model is checked first (settings, source files, an existing
+    `generations.jsonl` and the settings it was sampled with, the judge's settings), so a bad input fails before the
+    model loads, and nothing in `output_dir` is changed by a failed check.
 
     Args:
         config (`EvalConfig`):
@@ -369,26 +735,35 @@ def evaluate_modes(config: EvalConfig, backend: Any = None) -> dict[str, Any]:
             A ready backend (e.g. the training model wrapped in `TransformersBackend`); built from `config` if `None`.
 
     Returns:
-        `dict`: the content of `results.json`.
+        `dict`: the content of `results.json`. With a judge, `results["judge_status"]["error"]` says why its scores
+        are missing or incomplete (it scored no story, or was stopped after repeated failures), `None` when it scored
+        every story it was asked about; this function does not raise for it, so the samples and the other metrics are
+        kept (`policy-split-eval` exits non-zero with that message).
+
+    Raises:
+        [`EvalConfigError`]: a bad setting or source file. [`GenerationsFileError`]: a damaged `generations.jsonl` or
+        one sampled with other settings.
     """
-    from .benchmarks import load_benchmark
     from .report import write_outputs
 
+    if not config.output_dir:
+        raise EvalConfigError("output_dir is empty: pass the folder to write results to (a rerun resumes from it).")
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise EvalConfigError(f"output_dir {config.output_dir!r} is a file: pass a folder.")
+    judge = _make_judge(config) if config.judge else None  # an endpoint judge's settings fail here, not after hours
+    problems = load_problems(config)
     os.makedirs(config.output_dir, exist_ok=True)
-    problems = {
-        name: load_benchmark(name, source=config.sources.get(name), limit=config.limits.get(name, config.limit))
-        for name in config.benchmarks
-    }
+    path = os.path.join(config.output_dir, GENERATIONS_FILE)
+    done = prepare_generations(path, config)  # before the model loads: a damaged file fails first
     backend = backend or make_backend(
         config.model, config.adapter, config.backend, config.batch_size, config.chat_template_kwargs
     )
-    path = os.path.join(config.output_dir, GENERATIONS_FILE)
-    generated = generate_and_score(config, backend, problems, path)
+    generated = generate_and_score(config, backend, problems, path, done)
     records = read_generations(path)
     results = compute_results(config, records, problems)
     results["creative"] = creative_metrics(records, config.modes)
-    if config.judge and any(p.kind == "creative" for items in problems.values() for p in items):
-        results["judge"] = _run_judge(config, records, problems)
+    if config.judge:
+        results["judge"], results["judge_status"] = _run_judge(config, judge, records, problems)
     results["config"] = {**asdict(config), "backend_used": getattr(backend, "name", type(backend).__name__)}
     results["entropy"] = {
         "unit": "bits",
@@ -403,20 +778,56 @@ def evaluate_modes(config: EvalConfig, backend: Any = None) -> dict[str, Any]:
     return results
 
 
-def _run_judge(config: EvalConfig, records: list[dict], problems: dict[str, list]) -> dict[str, Any]:
-    from .judge import OpenAIJudge, TransformersJudge, judge_stories
+def _make_judge(config: EvalConfig) -> Any:
+    """An endpoint judge now (cheap, and a missing model name fails before sampling); a local model's path, to load
+    once the samples are done (it would hold memory during sampling)."""
+    from .judge import OpenAIJudge
 
     settings = dict(config.judge or {})
-    judge = (
-        TransformersJudge(settings.pop("local_model"))
-        if "local_model" in settings
-        else OpenAIJudge(base_url=settings.get("base_url"), model=settings.get("model"))
-    )
+    if "local_model" in settings:
+        return settings["local_model"]
+    try:
+        return OpenAIJudge(base_url=settings.get("base_url"), model=settings.get("model"))
+    except ValueError as error:
+        raise EvalConfigError(f"judge: {error} (policy-split-eval: --judge_model).") from None
+
+
+def _run_judge(
+    config: EvalConfig, judge: Any, records: list[dict], problems: dict[str, list]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Judge every mode's stories with one circuit breaker; returns the per-mode summaries and the judge's status."""
+    from .judge import JudgeCircuitBreaker, TransformersJudge, judge_stories
+
+    if isinstance(judge, str):
+        judge = TransformersJudge(judge)
+    breaker = JudgeCircuitBreaker()
     prompt_text = {p.id: p.prompt[-1]["content"] for items in problems.values() for p in items}
     out = {}
     for mode in config.modes:
         items = [(prompt_text[r["problem_id"]], r["completion"]) for r in records
                  if r["kind"] == "creative" and r["mode"] == mode and r["problem_id"] in prompt_text]  # fmt: skip
         if items:
-            out[mode] = judge_stories(judge, items)
-    return out
+            out[mode] = judge_stories(judge, items, progress=config.progress, breaker=breaker)
+    return out, judge_status(out, breaker.reason)
+
+
+def judge_status(summaries: dict[str, dict[str, Any]], stopped: str | None) -> dict[str, Any]:
+    """
+    Whether the judge did its job: `error` is `None` when it scored every story it was asked about (unparseable
+    replies aside, which are counted), else why the judge scores are missing or partial.
+
+    Args:
+        summaries (`dict[str, dict]`):
+            Mode -> what [`~policy_split_trl.eval.judge.judge_stories`] returned.
+        stopped (`str`, *optional*):
+            Why the circuit breaker stopped the judge, if it did.
+    """
+    total = sum(s["n_items"] for s in summaries.values())
+    scored = sum(s["n_scored"] for s in summaries.values())
+    error = None
+    if total and not scored:
+        counts = {key: sum(s[key] for s in summaries.values()) for key in ("n_unparseable", "n_errors", "n_skipped")}
+        error = f"the judge scored none of the {total} stories ({counts})" + (f": {stopped}" if stopped else "")
+    elif stopped:
+        error = f"the judge was stopped after scoring {scored} of {total} stories: {stopped}"
+    return {"stories": total, "scored": scored, "stopped": stopped, "error": error}

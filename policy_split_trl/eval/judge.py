@@ -8,7 +8,11 @@ in Table 2 (the paper's main judge is GPT-5). Two judges share one interface, `j
   with the standard library only;
 - [`TransformersJudge`]: a local `transformers` chat model, greedy decoding.
 
-A reply that cannot be parsed, or a request that fails, is counted and reported, never scored 0.
+A reply that cannot be parsed, or a request that fails, is counted and reported, never scored 0. A judge that keeps
+failing the same way is stopped by a [`JudgeCircuitBreaker`] instead of being asked about every story: at once on HTTP
+401/403/404 (a wrong key, model or URL: no later call can succeed), after [`JUDGE_MAX_CONSECUTIVE_FAILURES`] stories in a
+row that failed the same way otherwise (the same HTTP status, an unreachable or timing-out endpoint, malformed
+responses, unparseable replies); the reason is returned as `"stopped"`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -260,11 +265,16 @@ class JudgeResult:
             The judge's reply (empty if the call failed).
         error (`str` or `None`):
             Why the call failed (never containing credentials), `None` if the judge replied.
+        error_kind (`str` or `None`):
+            The class of the failure, the same for failures that would repeat (`"HTTP 500"`, `"unreachable"`,
+            `"timeout"`, `"malformed response"`, ...; `"skipped"` for a story not sent because the judge was stopped);
+            `None` if the judge replied.
     """
 
     scores: dict[str, float] | None
     raw: str
     error: str | None = None
+    error_kind: str | None = None
 
 
 class Judge(Protocol):
@@ -274,7 +284,19 @@ class Judge(Protocol):
 
 
 class JudgeRequestError(RuntimeError):
-    """A judge call failed (HTTP error, timeout, malformed response). Its message never contains credentials."""
+    """
+    A judge call failed (HTTP error, timeout, malformed response). Its message never contains credentials.
+
+    Args:
+        message (`str`):
+            What failed.
+        kind (`str`, *optional*, defaults to `"error"`):
+            The class of the failure (see [`JudgeResult`]'s `error_kind`).
+    """
+
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class _ChatJudge:
@@ -300,7 +322,7 @@ class _ChatJudge:
         try:
             raw = self._complete(messages)
         except JudgeRequestError as error:
-            return JudgeResult(scores=None, raw="", error=str(error))
+            return JudgeResult(scores=None, raw="", error=str(error), error_kind=error.kind)
         return JudgeResult(scores=parse_judge_scores(raw), raw=raw)
 
 
@@ -429,7 +451,7 @@ class OpenAIJudge(_ChatJudge):
         payload.update(self.extra_body)
         body = json.dumps(payload).encode("utf-8")
 
-        error = "no attempt made"
+        error, kind = "no attempt made", "error"
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.retry_backoff * 2 ** (attempt - 1))
@@ -443,18 +465,19 @@ class OpenAIJudge(_ChatJudge):
                 except (OSError, http.client.HTTPException):
                     detail = ""
                 error = f"HTTP {exc.code} from {self.url}" + (f": {detail}" if detail else "")
-                retryable = exc.code in _RETRYABLE_STATUS
+                kind, retryable = f"HTTP {exc.code}", exc.code in _RETRYABLE_STATUS
             except urllib.error.URLError as exc:
-                error = f"cannot reach {self.url}: {exc.reason}"
+                error, kind = f"cannot reach {self.url}: {exc.reason}", "unreachable"
             except OSError as exc:  # timeouts and dropped connections
                 error = f"request to {self.url} failed: {type(exc).__name__}: {exc}"
+                kind = "timeout" if isinstance(exc, TimeoutError) else f"connection error ({type(exc).__name__})"
             except (ValueError, KeyError, IndexError, TypeError) as exc:
-                error = f"malformed response from {self.url}: {type(exc).__name__}: {exc}"
+                error, kind = f"malformed response from {self.url}: {type(exc).__name__}: {exc}", "malformed response"
             error = self._redact(error)
             logger.warning("Judge call %d/%d failed: %s", attempt + 1, self.max_retries + 1, error)
             if not retryable:
                 break
-        raise JudgeRequestError(error)
+        raise JudgeRequestError(error, kind)
 
 
 def _message_content(response: dict[str, Any]) -> str:
@@ -552,6 +575,83 @@ class TransformersJudge(_ChatJudge):
         return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
+# ------------------------------------------------------------------------------------------------- circuit breaker
+
+# Stories in a row that failed the same way (each call already retried `max_retries` times) before the judge is
+# stopped: a persistent server error or malformed reply costs ~3 s a story with the default retries, and a judge that
+# answers nothing readable three times in a row is not going to score the rest.
+JUDGE_MAX_CONSECUTIVE_FAILURES = 3
+# Failures no later call can avoid: the judge is stopped at the first one.
+STOP_AT_ONCE: dict[str, str] = {
+    "HTTP 401": "the API key is missing or wrong: set POLICY_SPLIT_JUDGE_API_KEY",
+    "HTTP 403": "the API key may not use this model or endpoint",
+    "HTTP 404": "no such endpoint or model: check the judge's base URL (it must end before /chat/completions, e.g. "
+    "https://api.openai.com/v1) and model name",
+}
+UNPARSEABLE = "unparseable reply"
+SKIPPED = "skipped"
+
+
+def failure_kind(result: JudgeResult) -> str | None:
+    """The class of a story's failure (`JudgeResult.error_kind`, or `"unparseable reply"`); `None` if it was scored."""
+    if result.error is not None:
+        return result.error_kind or "error"
+    return UNPARSEABLE if result.scores is None else None
+
+
+class JudgeCircuitBreaker:
+    """
+    Stops judging when the judge keeps failing the same way, so that a wrong key or a broken endpoint costs one call
+    (or a few), not one per story. Thread-safe: [`judge_stories`] may call the judge from several threads.
+
+    Pass the same breaker to several [`judge_stories`] calls (e.g. one per mode) to stop them all.
+
+    Args:
+        max_consecutive_failures (`int`, *optional*, defaults to `JUDGE_MAX_CONSECUTIVE_FAILURES` (3)):
+            Stories in a row whose failure is of the same kind (see [`failure_kind`]) after which no more calls are
+            made; a scored story resets the count. Failures of [`STOP_AT_ONCE`] (HTTP 401, 403, 404) stop at once.
+
+    Attributes:
+        reason (`str` or `None`):
+            Why judging was stopped (never containing credentials); `None` while it goes on.
+    """
+
+    def __init__(self, max_consecutive_failures: int = JUDGE_MAX_CONSECUTIVE_FAILURES):
+        if isinstance(max_consecutive_failures, bool) or not isinstance(max_consecutive_failures, int) or (
+            max_consecutive_failures < 1
+        ):
+            raise ValueError(f"max_consecutive_failures must be an integer >= 1, got {max_consecutive_failures!r}.")
+        self.max_consecutive_failures = max_consecutive_failures
+        self.reason: str | None = None
+        self._last_kind: str | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether judging was stopped."""
+        return self.reason is not None
+
+    def record(self, result: JudgeResult) -> None:
+        """Count one story's outcome, and stop when it is the failure that makes further calls pointless."""
+        kind = failure_kind(result)
+        with self._lock:
+            if kind is None:
+                self._last_kind, self._count = None, 0
+                return
+            if kind == SKIPPED or self.reason is not None:
+                return
+            self._count = self._count + 1 if kind == self._last_kind else 1
+            self._last_kind = kind
+            detail = result.error if result.error is not None else f"last reply {result.raw[:200]!r}"
+            if kind in STOP_AT_ONCE:
+                self.reason = f"{kind} ({STOP_AT_ONCE[kind]}): {detail}"
+            elif self._count >= self.max_consecutive_failures:
+                self.reason = f"{self._count} stories in a row failed the same way ({kind}): {detail}"
+            if self.reason is not None:
+                logger.warning("Judge stopped, no more calls: %s", self.reason)
+
+
 # ------------------------------------------------------------------------------------------------------ aggregation
 
 
@@ -561,12 +661,14 @@ def judge_stories(
     progress: bool = True,
     num_workers: int = 1,
     return_results: bool = False,
+    breaker: JudgeCircuitBreaker | None = None,
 ) -> dict[str, Any]:
     """
     Score stories with a judge and average the rubric scores, scaled to 0-100 as in Table 2 of the paper.
 
     Only parsed replies are averaged: unparseable replies and failed calls are counted in `n_unparseable` and
-    `n_errors`, never scored 0.
+    `n_errors`, never scored 0. A judge that keeps failing the same way is stopped (see [`JudgeCircuitBreaker`]): the
+    stories after that are not sent, and counted in `n_skipped`.
 
     Args:
         judge ([`Judge`]):
@@ -579,19 +681,27 @@ def judge_stories(
             Concurrent judge calls (threads): useful for an API judge, keep 1 for a local model.
         return_results (`bool`, *optional*, defaults to `False`):
             Also return every [`JudgeResult`] (as a dict) under `"results"`, in the order of `items`.
+        breaker ([`JudgeCircuitBreaker`], *optional*):
+            Shared with other calls to stop them all; a fresh one per call by default.
 
     Returns:
         `dict`: One key per rubric of [`RUBRICS`] with its mean score x10 (0-100), `"overall"` (mean of the five),
-        `None` for all of them when no reply could be parsed; and the counts `"n_items"`, `"n_scored"`,
-        `"n_unparseable"` (the judge replied, but not in a readable format) and `"n_errors"` (the call failed).
+        `None` for all of them when no reply could be parsed; the counts `"n_items"`, `"n_scored"`,
+        `"n_unparseable"` (the judge replied, but not in a readable format), `"n_errors"` (the call failed) and
+        `"n_skipped"` (not sent: the judge had been stopped); and `"stopped"`: why the judge was stopped, or `None`.
     """
     from tqdm.auto import tqdm
 
     items = list(items)
+    breaker = breaker if breaker is not None else JudgeCircuitBreaker()
     with tqdm(total=len(items), desc="Judging stories", unit="story", disable=not progress) as bar:
 
         def score_one(item: tuple[str, str]) -> JudgeResult:
-            result = judge.score(*item)
+            if breaker.stopped:
+                result = JudgeResult(scores=None, raw="", error=f"not sent: {breaker.reason}", error_kind=SKIPPED)
+            else:
+                result = judge.score(*item)
+                breaker.record(result)
             bar.update(1)
             return result
 
@@ -602,22 +712,26 @@ def judge_stories(
             results = [score_one(item) for item in items]
 
     scored = [result.scores for result in results if result.error is None and result.scores is not None]
-    n_errors = sum(result.error is not None for result in results)
+    n_skipped = sum(result.error_kind == SKIPPED for result in results)
+    n_errors = sum(result.error is not None for result in results) - n_skipped
     summary: dict[str, Any] = {}
     for key in RUBRICS:
         summary[key] = SCORE_SCALE * sum(scores[key] for scores in scored) / len(scored) if scored else None
     summary["overall"] = sum(summary[key] for key in RUBRICS) / len(RUBRICS) if scored else None
     summary["n_items"] = len(results)
     summary["n_scored"] = len(scored)
-    summary["n_unparseable"] = len(results) - len(scored) - n_errors
+    summary["n_unparseable"] = len(results) - len(scored) - n_errors - n_skipped
     summary["n_errors"] = n_errors
-    if n_errors or summary["n_unparseable"]:
+    summary["n_skipped"] = n_skipped
+    summary["stopped"] = breaker.reason
+    if len(scored) < len(results):
         logger.warning(
-            "Judge: %d of %d stories not scored (%d unparseable replies, %d failed calls).",
+            "Judge: %d of %d stories not scored (%d unparseable replies, %d failed calls, %d not sent).",
             len(results) - len(scored),
             len(results),
             summary["n_unparseable"],
             n_errors,
+            n_skipped,
         )
     if return_results:
         summary["results"] = [asdict(result) for result in results]

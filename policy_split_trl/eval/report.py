@@ -3,10 +3,11 @@ and 6) and PNG plots (per-mode token-entropy histograms, accuracy vs entropy).""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
+
+from .files import atomic_save, atomic_write_json, atomic_write_text
 
 PERCENT = 100.0
 
@@ -86,6 +87,9 @@ def creative_markdown(results: dict[str, Any]) -> str:
             f"| {mode} | {m['prompts']} | {format_number(m['div_ngram'], digits=4)} | {format_number(m['div_bleu'], digits=4)} | "
             f"{format_number(j.get('overall'), digits=1)} | {j.get('n_unparseable', '–')} |"
         )
+    error = (results.get("judge_status") or {}).get("error")
+    if error:  # the judge column is missing or partial: say why under the table
+        lines += ["", f"Judge: {error}"]
     return "\n".join(lines)
 
 
@@ -174,16 +178,21 @@ def load_pyplot() -> Any:
 
 
 def save_figure(fig: Any, plt: Any, path: str) -> str:
-    """Lay out, write (creating the folder) and close a figure; returns `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Lay out, write (creating the folder, replacing `path` in one step: a crash never leaves half a PNG) and close a
+    figure; returns `path`."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    # The format named explicitly: without it, matplotlib would add ".png" to an extensionless temporary name.
+    image_format = os.path.splitext(path)[1][1:].lower() or "png"
+    try:
+        atomic_save(path, lambda temporary: fig.savefig(temporary, dpi=100, format=image_format))
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_outputs(output_dir: str, results: dict[str, Any], records: list[dict], modes: list[str]) -> None:
-    """Write `results.json`, `results.md`, `entropy_histogram.png` and `accuracy_vs_entropy.png`."""
+    """Write `results.json`, `results.md`, `entropy_histogram.png` and `accuracy_vs_entropy.png`, each replaced in one
+    step (a crash leaves the previous version or the new one, never a cut file)."""
     plots = {
         "entropy_histogram": plot_entropy_histograms(
             records, modes, os.path.join(output_dir, "entropy_histogram.png")
@@ -191,7 +200,6 @@ def write_outputs(output_dir: str, results: dict[str, Any], records: list[dict],
         "accuracy_vs_entropy": plot_accuracy_vs_entropy(results, os.path.join(output_dir, "accuracy_vs_entropy.png")),
     }
     results["plots"] = {k: os.path.basename(v) for k, v in plots.items() if v}
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write(results_markdown(results))
+    # results.json last: it is what a comparison's rerun takes as "evaluation done", so it never precedes the others.
+    atomic_write_text(os.path.join(output_dir, "results.md"), results_markdown(results))
+    atomic_write_json(os.path.join(output_dir, "results.json"), results, default=str)

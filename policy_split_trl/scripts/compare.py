@@ -21,7 +21,9 @@ model is then evaluated, in its own process too (so that every vLLM engine frees
 `<method>/eval` (`normal` and `high_entropy` modes for the methods trained with the high-entropy prompt, `normal`
 otherwise). `comparison.md`, `comparison.json` and `comparison.png` are rewritten after every method. A rerun skips
 finished trainings and evaluations and resumes an unfinished evaluation through the harness's `generations.jsonl`, so
-an interrupted comparison continues where it stopped.
+an interrupted comparison continues where it stopped. Every file the driver writes is replaced in one step (a crash
+leaves the old or the new version), and a damaged one is an error naming it and the fix (a damaged `results.json` is
+only recomputed from the samples).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any
 
 import yaml
 
+from policy_split_trl.eval.files import DamagedFileError, atomic_write_json, atomic_write_text, read_json_file
 from policy_split_trl.methods import METHODS, MethodSpec
 
 DEFAULT_LAUNCHER = ["python", "-m", "policy_split_trl.scripts.train"]
@@ -137,6 +140,10 @@ class CompareConfig:
         repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if repeated:
             raise CompareConfigError(f"Method(s) {repeated} are listed twice in `methods`.")
+        for name in ("train_config", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise CompareConfigError(f"`{name}` must be a non-empty path (a string), got {value!r}.")
         if not os.path.isfile(self.train_config):
             raise CompareConfigError(
                 f"train_config {self.train_config!r} does not exist (a path relative to the comparison config is "
@@ -171,10 +178,13 @@ class CompareConfig:
             raise CompareConfigError(
                 f"evaluation.benchmarks must be a list of {sorted(BENCHMARKS)}, got {benchmarks!r}."
             )
-        try:  # the harness's own checks (k >= 1, temperature > 0, ...), on a stand-in model
+        try:  # the harness's own checks (types, k >= 1, finite temperature > 0, source files, ...), on a stand-in model
             self.eval_config(model="<model>", output_dir="<eval>", modes=["normal"])
         except (TypeError, ValueError) as error:
-            raise CompareConfigError(f"evaluation: {error}") from None
+            hint = ""
+            if str(error).startswith("sources["):
+                hint = " (evaluation.sources: a relative path is looked for next to the comparison config first)"
+            raise CompareConfigError(f"evaluation: {error}{hint}") from None
 
     def eval_config(self, model: str, output_dir: str, modes: list[str], **kwargs: Any) -> Any:
         """The [`~policy_split_trl.eval.harness.EvalConfig`] of one model: `evaluation` plus the per-method fields."""
@@ -216,12 +226,7 @@ def load_compare_config(path: str, methods: list[str] | None = None, output_dir:
     Returns:
         [`CompareConfig`]: checked.
     """
-    if not os.path.isfile(path):
-        raise CompareConfigError(f"No such comparison config: {path!r}.")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise CompareConfigError(f"{path} must be a YAML mapping with keys {list(CONFIG_KEYS)}.")
+    raw = _read_yaml(path)
     unknown = sorted(set(raw) - set(CONFIG_KEYS))
     if unknown:
         raise CompareConfigError(f"Unknown key(s) {unknown} in {path}; valid keys: {list(CONFIG_KEYS)}.")
@@ -232,6 +237,7 @@ def load_compare_config(path: str, methods: list[str] | None = None, output_dir:
     missing = [key for key in ("train_config", "methods", "output_dir") if not raw.get(key)]
     if missing:
         raise CompareConfigError(f"{path} does not set {missing}.")
+    _check_types(raw, path)
     base = os.path.dirname(os.path.abspath(path))
     raw["train_config"] = os.path.normpath(os.path.join(base, raw["train_config"]))
     launcher = list(raw.get("launcher") or DEFAULT_LAUNCHER)
@@ -241,10 +247,52 @@ def load_compare_config(path: str, methods: list[str] | None = None, output_dir:
     raw["launcher"] = launcher
     evaluation = dict(raw.get("evaluation") or {})
     if isinstance(evaluation.get("sources"), dict):
-        evaluation["sources"] = {name: _resolve(str(src), base) for name, src in evaluation["sources"].items()}
+        # Absolute once found: the evaluation runs (and reruns) in other processes, maybe from another folder.
+        evaluation["sources"] = {
+            name: os.path.abspath(found) if isinstance(src, str) and os.path.exists(found := _resolve(src, base))
+            else src
+            for name, src in evaluation["sources"].items()
+        }  # fmt: skip
     raw["evaluation"] = evaluation
     raw["train_overrides"] = dict(raw.get("train_overrides") or {})
     return CompareConfig(**raw, config_file=os.path.abspath(path))
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """The comparison YAML as a mapping, with a missing, unreadable, malformed or empty file named."""
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise CompareConfigError(f"No such comparison config: {path!r} {what} (e.g. recipes/compare/quickstart.yaml).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except UnicodeDecodeError as error:
+        raise CompareConfigError(f"{path} is not UTF-8 text ({error}).") from None
+    except yaml.YAMLError as error:  # its message gives the line and column
+        raise CompareConfigError(f"{path} is not valid YAML: {error}") from None
+    if raw is None:
+        raise CompareConfigError(f"{path} is empty; it needs at least train_config, methods and output_dir.")
+    if not isinstance(raw, dict):
+        raise CompareConfigError(f"{path} must be a YAML mapping with keys {list(CONFIG_KEYS)}, got {raw!r}.")
+    return raw
+
+
+# The type of each top-level key; `[]`/`{}` where any list/mapping (their contents are checked by CompareConfig).
+_CONFIG_TYPES: dict[str, tuple[type, str]] = {
+    "train_config": (str, "a path (string) to a policy-split-train recipe"),
+    "methods": (list, "a list of method names"),
+    "train_overrides": (dict, "a mapping of policy-split-train flags to values"),
+    "output_dir": (str, "a folder path (string)"),
+    "launcher": (list, "a list of strings, e.g. [accelerate, launch, --num_processes, '2']"),
+    "evaluation": (dict, "a mapping of evaluation settings"),
+}
+
+
+def _check_types(raw: dict[str, Any], path: str) -> None:
+    """Each set key of the YAML has its type (a bare string as `launcher` would be split letter by letter)."""
+    for key, (kind, what) in _CONFIG_TYPES.items():
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise CompareConfigError(f"{path}: {key} must be {what}, got {raw[key]!r}.")
 
 
 # ---------------------------------------------------------------- training commands
@@ -308,7 +356,7 @@ def parse_training(config: CompareConfig, method: str) -> tuple[Any, Any, Any]:
         `(script_args, training_args, model_args)`.
     """
     from policy_split_trl.methods import apply_method
-    from policy_split_trl.scripts.train import make_parser
+    from policy_split_trl.scripts.train import explicit_arguments, make_parser
 
     parser = make_parser("policy-split-train")
     # Exact names only: argparse would take `max_step` for `--max_steps` (a prefix) and let the recipe's value win.
@@ -327,7 +375,9 @@ def parse_training(config: CompareConfig, method: str) -> tuple[Any, Any, Any]:
             warnings.simplefilter("ignore", FutureWarning)
             parsed = parser.parse_args_and_config(args=argv)
         script_args, training_args, model_args = parsed
-        apply_method(method, training_args)
+        # What the training process will decide from the same arguments (the command line's --method wins over the
+        # base recipe's settings, with a warning; train_overrides count as flags and may contradict the method).
+        apply_method(method, training_args, explicit_arguments(train_arguments(config, method)))
     except SystemExit:  # argparse has printed why
         raise CompareConfigError(
             f"{method}: the training arguments do not parse (see the message above): {shlex.join(argv)}"
@@ -372,12 +422,25 @@ def training_request(config: CompareConfig, method: str) -> dict[str, Any]:
 
 
 def trained_steps(model_dir: str, max_steps: int) -> int | None:
-    # The last checkpoint's trainer state is exact (the Trainer saves one at the end of a `save_strategy: steps` run);
-    # without checkpoints, `max_steps` is what the Trainer ran to.
+    """
+    Optimizer steps of a finished training: the last checkpoint's trainer state is exact (the Trainer saves one at the
+    end of a `save_strategy: steps` run); without checkpoints, `max_steps` is what the Trainer ran to. `None` (shown
+    as "–") when unknown: an epoch budget without checkpoints, or a checkpoint whose `trainer_state.json` is
+    damaged (the highest readable one could be below the truth).
+    """
     steps = []
     for path in glob.glob(os.path.join(model_dir, "checkpoint-*", "trainer_state.json")):
-        with open(path) as f:
-            steps.append(json.load(f).get("global_step", 0))
+        unknown = "the number of training steps is recorded as unknown"
+        try:
+            state = read_json_file(path, "a checkpoint's trainer state", unknown)
+        except DamagedFileError as error:
+            print(f"WARNING: {error}", flush=True)
+            return None
+        step = state.get("global_step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            print(f"WARNING: {path} has no integer global_step: {unknown}.", flush=True)
+            return None
+        steps.append(step)
     if steps:
         return max(steps)
     return max_steps if max_steps > 0 else None
@@ -499,11 +562,29 @@ def plan(config: CompareConfig) -> list[MethodRun]:
     return runs
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.isfile(path):
+def _read_state(path: str, what: str, fix: str) -> dict[str, Any] | None:
+    """A state file of the comparison (`None` if absent); a damaged one raises [`CompareConfigError`] naming `fix`."""
+    try:
+        return read_json_file(path, what, fix)
+    except DamagedFileError as error:
+        raise CompareConfigError(str(error)) from None
+
+
+def _read_results(path: str) -> dict[str, Any] | None:
+    """
+    An evaluation's `results.json`, or `None` when it is absent or unusable (damaged, or without the fields the
+    comparison reads): it is computed from `generations.jsonl`, so the evaluation is simply run again (resuming: no
+    sample is drawn again).
+    """
+    try:
+        results = read_json_file(path, "an evaluation's results", "it is computed again from generations.jsonl")
+    except DamagedFileError as error:
+        print(f"WARNING: {error}", flush=True)
         return None
-    with open(path) as f:
-        return json.load(f)
+    if results is not None and not all(isinstance(results.get(key), dict) for key in ("config", "per_benchmark")):
+        print(f"WARNING: {path} lacks config/per_benchmark; it is computed again from generations.jsonl.", flush=True)
+        return None
+    return results
 
 
 def _json_safe(value: Any) -> Any:
@@ -514,7 +595,14 @@ def train_method(run: MethodRun, total: int, started: float) -> dict[str, Any]:
     """Train `run` unless its `train_done.json` says it is done; returns that record."""
     if run.name == ORIGINAL:
         return {"method": ORIGINAL, "label": run.spec.label, "wall_time_s": None, "steps": 0}
-    done = _read_json(run.done_path)
+    done = _read_state(
+        run.done_path, "the record of a finished training", f"delete it to train {run.name} again (into {run.dir})"
+    )
+    if done is not None and not all(key in done for key in ("request", "wall_time_s", "steps")):
+        raise CompareConfigError(
+            f"{run.done_path} (the record of a finished training) lacks request/wall_time_s/steps: delete it to train "
+            f"{run.name} again."
+        )
     prefix = f"[{run.index}/{total}] {run.name}"
     if done is None and os.path.isfile(os.path.join(run.eval_dir, "generations.jsonl")):
         raise CompareConfigError(
@@ -528,23 +616,22 @@ def train_method(run: MethodRun, total: int, started: float) -> dict[str, Any]:
                 f"{run.name}: {run.done_path} records a training with other settings ({done.get('request')} vs now "
                 f"{_json_safe(run.request)}); delete {run.dir} to retrain it, or restore the comparison config."
             )
-        print(f"{prefix}: already trained ({done['wall_time_s']:.0f} s, {done['steps']} steps), not retrained.",
-              flush=True)  # fmt: skip
+        wall = f"{done['wall_time_s']:.0f} s" if isinstance(done["wall_time_s"], (int, float)) else "?"
+        print(f"{prefix}: already trained ({wall}, {done['steps']} steps), not retrained.", flush=True)
         return done
     command, resumed = list(run.command), None
     request_path = os.path.join(run.dir, TRAIN_REQUEST_FILE)
     checkpoint = _latest_checkpoint(run.model_dir)
     if checkpoint and "--resume_from_checkpoint" not in command:
-        if _read_json(request_path) != _json_safe(run.request):
+        fix = f"delete {run.model_dir} to train from scratch"
+        if _read_state(request_path, "the settings of the interrupted training", fix) != _json_safe(run.request):
             raise CompareConfigError(
                 f"{run.name}: {checkpoint} comes from a training with other settings (see {request_path}); delete "
                 f"{run.model_dir} to train from scratch, or restore the comparison config."
             )
         command += ["--resume_from_checkpoint", checkpoint]  # an interrupted run with checkpoints goes on from there
         resumed = checkpoint
-    os.makedirs(run.dir, exist_ok=True)
-    with open(request_path, "w") as f:
-        json.dump(_json_safe(run.request), f, indent=2)
+    atomic_write_json(request_path, _json_safe(run.request))
     print(
         f"{prefix} ({run.spec.label}): training [elapsed {_hms(time.monotonic() - started)}]"
         + (f", resuming from {checkpoint}" if resumed else "")
@@ -572,8 +659,7 @@ def train_method(run: MethodRun, total: int, started: float) -> dict[str, Any]:
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     record = _json_safe(record)
-    with open(run.done_path, "w") as f:
-        json.dump(record, f, indent=2)
+    atomic_write_json(run.done_path, record)  # the mark of a finished training: complete, or not there
     print(f"{prefix}: trained {record['steps']} steps in {wall:.0f} s -> {run.model_dir}", flush=True)
     return record
 
@@ -602,12 +688,19 @@ def evaluate_method(config: CompareConfig, run: MethodRun, total: int, started: 
     """Evaluate `run`'s model (in a subprocess) unless its results are up to date; returns its `results.json`."""
     prefix = f"[{run.index}/{total}] {run.name}"
     eval_config = _json_safe(dataclasses.asdict(method_eval_config(config, run)))
-    results = _read_json(os.path.join(run.eval_dir, "results.json"))
-    if results is not None and {k: v for k, v in results["config"].items() if k != "backend_used"} == eval_config:
+    results = _read_results(os.path.join(run.eval_dir, "results.json"))
+    judge_error = ((results or {}).get("judge_status") or {}).get("error")  # a judge to ask again
+    if (
+        results is not None
+        and not judge_error
+        and {k: v for k, v in results["config"].items() if k != "backend_used"} == eval_config
+    ):
         print(f"{prefix}: evaluation up to date ({run.eval_dir}).", flush=True)
         return results
     request_path = os.path.join(run.dir, "eval_config.json")
-    previous = _read_json(request_path)
+    previous = _read_state(
+        request_path, "the settings of the last evaluation", f"delete it (the harness still checks {run.eval_dir})"
+    )
     if previous is not None and os.path.isfile(os.path.join(run.eval_dir, "generations.jsonl")):
         changed = [name for name in _SAMPLE_FIELDS if previous.get(name) != eval_config.get(name)]
         if changed:
@@ -616,9 +709,7 @@ def evaluate_method(config: CompareConfig, run: MethodRun, total: int, started: 
                 f"{run.eval_dir}/generations.jsonl, which a resumed evaluation would reuse; delete {run.eval_dir} "
                 "to evaluate again, or restore them."
             )
-    os.makedirs(run.dir, exist_ok=True)  # the original model has no training to have made it
-    with open(request_path, "w") as f:
-        json.dump(eval_config, f, indent=2)
+    atomic_write_json(request_path, eval_config)  # makes run.dir: the original model has no training to have made it
     command = [sys.executable, "-m", "policy_split_trl.scripts.compare", "--evaluate", request_path]
     print(
         f"{prefix}: evaluating modes {run.modes} on {eval_config['benchmarks']} -> {run.eval_dir} "
@@ -630,19 +721,32 @@ def evaluate_method(config: CompareConfig, run: MethodRun, total: int, started: 
         raise MethodFailedError(
             f"Evaluating {run.name} ({run.spec.label}) failed with exit status {status}; see {run.eval_log}."
         )
-    return _read_json(os.path.join(run.eval_dir, "results.json"))
+    results = _read_results(os.path.join(run.eval_dir, "results.json"))
+    if results is None:
+        raise MethodFailedError(f"Evaluating {run.name} wrote no usable {run.eval_dir}/results.json; see {run.eval_log}.")
+    return results
 
 
 def evaluate_from_file(path: str) -> dict[str, Any]:
-    """Run one evaluation from an `EvalConfig` saved as JSON (what the driver's evaluation subprocess does)."""
+    """
+    Run one evaluation from an `EvalConfig` saved as JSON (what the driver's evaluation subprocess does).
+
+    Raises:
+        `SystemExit`: when a judge was asked for and scored no story (or was stopped), after every result is written,
+        so that the driver reports the method as failed and a rerun asks the judge again.
+    """
     from policy_split_trl.eval.backends import SamplingConfig
     from policy_split_trl.eval.harness import EvalConfig, evaluate_modes
 
-    with open(path) as f:
-        settings = json.load(f)
+    settings = _read_state(path, "the evaluation's settings", "rerun policy-split-compare, which rewrites it")
+    if settings is None:
+        raise CompareConfigError(f"No such evaluation settings file: {path}.")
     settings["sampling"] = SamplingConfig(**settings["sampling"])
     results = evaluate_modes(EvalConfig(**settings))
     print(f"Generated {results['generated_this_run']} completions; results in {settings['output_dir']}/results.json")
+    judge_error = (results.get("judge_status") or {}).get("error")
+    if judge_error:
+        raise SystemExit(f"policy-split-compare: {judge_error}")
     return results
 
 
@@ -847,10 +951,8 @@ def write_comparison(
     os.makedirs(config.output_dir, exist_ok=True)
     plot = plot_comparison(summary, os.path.join(config.output_dir, "comparison.png"))
     summary["plot"] = os.path.basename(plot) if plot else None
-    with open(os.path.join(config.output_dir, "comparison.json"), "w") as f:
-        json.dump(_json_safe(summary), f, indent=2)
-    with open(os.path.join(config.output_dir, "comparison.md"), "w") as f:
-        f.write(comparison_markdown(summary))
+    atomic_write_json(os.path.join(config.output_dir, "comparison.json"), _json_safe(summary))
+    atomic_write_text(os.path.join(config.output_dir, "comparison.md"), comparison_markdown(summary))
     return summary
 
 
@@ -927,10 +1029,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """Console entry point `policy-split-compare`: a config or method failure exits with its message."""
+    """Console entry point `policy-split-compare`: a config, state-file or method failure exits with its message."""
+    from policy_split_trl.eval.checks import EvalConfigError
+
     try:
         run()
-    except (CompareConfigError, MethodFailedError) as error:
+    except (CompareConfigError, MethodFailedError, DamagedFileError, EvalConfigError) as error:
         raise SystemExit(f"policy-split-compare: {error}") from None
 
 
