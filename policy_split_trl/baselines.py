@@ -28,8 +28,9 @@ from .advantages import (
     relative_response_entropy,
     response_mean_entropy,
 )
-from .config import resolve_config
+from .config import check_finite_numbers, resolve_config
 from .loss_pass import LossPassAdvantagesMixin
+from .safety import SafeTrainingMixin
 
 # Loss types whose per-token loss is the PPO clipped surrogate `-min(r A, clip(r) A)`, which Clip-Cov is defined on.
 _CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -58,6 +59,7 @@ class EntropyAdvantageGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        check_finite_numbers(self)
         if not self.entropy_advantage_alpha >= 0:
             raise ValueError(f"entropy_advantage_alpha must be >= 0 (got {self.entropy_advantage_alpha}); paper: 0.4.")
         if not self.entropy_advantage_kappa > 1:
@@ -94,6 +96,7 @@ class ClipCovGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        check_finite_numbers(self)
         if not 0 < self.clip_cov_ratio <= 1:
             raise ValueError(f"clip_cov_ratio must be in (0, 1] (got {self.clip_cov_ratio}); paper: 2e-4.")
         if not self.clip_cov_lb < self.clip_cov_ub:
@@ -123,6 +126,7 @@ class EntropyDrivenAdvantageGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        check_finite_numbers(self)
         if not self.edge_epsilon > 0:
             raise ValueError(f"edge_epsilon must be > 0 (got {self.edge_epsilon}).")
         if self.edge_max_scale is not None and not self.edge_max_scale >= 1:
@@ -131,8 +135,8 @@ class EntropyDrivenAdvantageGRPOConfig(GRPOConfig):
 
 
 # --------------------------------------------------------------------------------------------------------- trainers
-class _BaselineGRPOTrainer(GRPOTrainer):
-    """Checks the config type, then is TRL's `GRPOTrainer`."""
+class _BaselineGRPOTrainer(SafeTrainingMixin, GRPOTrainer):
+    """Checks the config type, then is TRL's `GRPOTrainer` with this package's guards ([`SafeTrainingMixin`])."""
 
     _config_class: type[GRPOConfig] = GRPOConfig
     _name_suffix = "GRPO"

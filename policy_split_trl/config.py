@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +12,44 @@ from trl.trainer.utils import get_config_model_id
 from .modes import HIGH_ENTROPY_SYSTEM_PROMPT
 
 ETA_PLACEMENTS = ("outside_clip", "inside_clip")
+
+# Numeric fields of TRL's and transformers' configs whose value may be +/-inf: bounds where "no bound" is meaningful.
+# Every other number must be finite, and NaN is never accepted.
+INFINITE_OK_FIELDS = frozenset(
+    {
+        "max_grad_norm",
+        "delta",
+        "epsilon_high",
+        "vllm_importance_sampling_clip_max",
+        "vllm_importance_sampling_clip_min",
+        "vllm_importance_sampling_cap",
+        "off_policy_mask_threshold",
+        "edge_max_scale",
+    }
+)
+
+
+def check_finite_numbers(config: Any) -> None:
+    """
+    Reject non-finite numbers in every numeric field of a dataclass config (ours and the TRL/transformers fields it
+    inherits): NaN anywhere, +/-inf outside [`INFINITE_OK_FIELDS`]. A NaN or infinite hyper-parameter (`eta=inf`, a
+    NaN learning rate, an infinite reward weight) would make the first update NaN and poison the weights.
+
+    Raises:
+        `ValueError`: naming the field and its value.
+    """
+    for field_ in dataclasses.fields(config):
+        value = getattr(config, field_.name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if not isinstance(item, float) or math.isfinite(item):
+                continue
+            if math.isinf(item) and field_.name in INFINITE_OK_FIELDS:
+                continue
+            raise ValueError(
+                f"{field_.name} must be a finite number (got {value!r}): a NaN or infinite hyper-parameter makes the "
+                f"first update non-finite. Set {field_.name} to a finite value or leave it at its default."
+            )
 
 
 @dataclass
@@ -132,6 +172,7 @@ class PolicySplitGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         # Our checks run before GRPOConfig's so that a bad mode split gets the Policy Split message.
+        check_finite_numbers(self)
         if not isinstance(self.high_entropy_system_prompt, str) or not self.high_entropy_system_prompt.strip():
             raise ValueError(
                 "high_entropy_system_prompt must be a non-empty string: it is what puts the model in high-entropy "

@@ -27,6 +27,7 @@ from .config import PolicySplitGRPOConfig, resolve_config
 from .hub import modes_card_section, policy_split_metadata, write_policy_split_json
 from .loss_pass import LossPassAdvantagesMixin
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
+from .safety import SafeTrainingMixin
 
 # Keys TRL adds for multimodal models; their rows cannot simply be duplicated into a second context.
 _MULTIMODAL_KEYS = ("pixel_values", "num_images", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
@@ -187,7 +188,7 @@ def expand_contexts(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, GRPOTrainer):
+class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTrainer):
     """
     Trainer for Policy Split: dual-mode, entropy-regularized GRPO (arXiv 2604.11510).
 

@@ -117,6 +117,27 @@ def main(result_path: str) -> None:
     # Not vacuous: some A != 0, and P^ != 1 (the response entropies of the group differ).
     edge_nontrivial = bool((grpo != 0).any() and ((edge_advantages - grpo).abs() > 1e-4).any())
 
+    # A non-finite loss on ONE process stops BOTH at the same optimizer step (no process left waiting in a collective),
+    # before the update.
+    nan_args = PolicySplitGRPOConfig(**{**settings, "output_dir": os.path.join(os.path.dirname(result_path), "nan")})
+    guarded = PolicySplitGRPOTrainer(model=build_model(tokenizer), reward_funcs=[length_reward], args=nan_args,
+                                     train_dataset=arithmetic_dataset(8), processing_class=tokenizer)  # fmt: skip
+    original_loss = GRPOTrainer._compute_loss
+
+    def nan_on_rank_1(self, model, inputs):
+        loss = original_loss(self, model, inputs)
+        return loss * float("nan") if rank == 1 and self.state.global_step == 1 else loss
+
+    GRPOTrainer._compute_loss = nan_on_rank_1
+    try:
+        guarded.train()
+        nan_stop = None
+    except FloatingPointError as error:
+        nan_stop = str(error).split(":")[0]
+    finally:
+        GRPOTrainer._compute_loss = original_loss
+    nan_weights_finite = all(bool(torch.isfinite(p).all()) for p in guarded.model.parameters())
+
     per_rank = [None, None]
     dist.all_gather_object(
         per_rank,
@@ -126,6 +147,8 @@ def main(result_path: str) -> None:
             "rows": [o["prompt_ids"].size(0) for o in outputs],
             "weights_changed": weights_changed,
             "invariant_ok": invariant_ok,
+            "nan_stop": nan_stop,
+            "nan_weights_finite": nan_weights_finite,
         },
     )
     if rank == 0:

@@ -61,6 +61,9 @@ def test_two_processes_on_cpu(tmp_path):
     assert rank0["rows"] == rank1["rows"] == [4, 4, 4]  # 2 rollouts x 2 contexts per rank
     assert rank0["weights_changed"] and rank1["weights_changed"]
     assert rank0["invariant_ok"] and rank1["invariant_ok"]
+    # NaN loss on rank 1 only: both ranks stop at step 2, before the update, with finite weights.
+    assert rank0["nan_stop"] == rank1["nan_stop"] == "Training stopped at optimizer step 2"
+    assert rank0["nan_weights_finite"] and rank1["nan_weights_finite"]
     for log in data["logs"]:
         assert math.isfinite(log["policy_split/kl_high_entropy_normal"])
         assert math.isfinite(log["policy_split/entropy/high_entropy_context"])

@@ -3,7 +3,9 @@
     policy-split-chat --model my-org/qwen3-1.7b-policy-split --mode high_entropy
 
 Commands: `/mode normal|high_entropy` switches the mode (the conversation is kept: each reply is generated with the
-current mode's system prompt), `/reset` clears the conversation, `/exit` (or Ctrl-D) quits.
+current mode's system prompt), `/reset` clears the conversation, `/exit` (or Ctrl-D, or Ctrl-C at the prompt) quits.
+Any other line starting with `/` is an unknown command, never sent to the model; start a message with `//` to send one
+that begins with `/`. Ctrl-C while a reply streams stops that reply (the turn is dropped from the conversation).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import sys
 
 from policy_split_trl.modes import NORMAL_MODE
+
+COMMANDS = "Commands: /mode NAME, /reset, /exit (start a message with // to send a leading /)."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,35 +40,46 @@ def chat(model, mode: str, sampling: dict, read=input, write=sys.stdout.write) -
     if mode not in model.modes:
         raise SystemExit(f"Unknown mode {mode!r}; this model has {model.modes}.")
     history: list[dict[str, str]] = []
-    write(f"Modes: {', '.join(model.modes)}. Commands: /mode NAME, /reset, /exit.\n")
+    write(f"Modes: {', '.join(model.modes)}. {COMMANDS}\n")
     while True:
         try:
             line = read(f"[{mode}]> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave quietly
             write("\n")
             return
         if not line:
             continue
-        if line in ("/exit", "/quit"):
+        command, _, rest = line.partition(" ")
+        if command in ("/exit", "/quit"):
             return
-        if line == "/reset":
+        if command == "/reset":
             history.clear()
             write("Conversation cleared.\n")
             continue
-        if line.startswith("/mode"):
-            wanted = line.split(maxsplit=1)[1].strip() if " " in line else ""
+        if command == "/mode":
+            wanted = rest.strip()
             if wanted in model.modes:
                 mode = wanted
                 write(f"Switched to {mode}.\n")
             else:
                 write(f"Unknown mode {wanted!r}; choose one of {', '.join(model.modes)}.\n")
             continue
+        if line.startswith("//"):
+            line = line[1:]  # an escaped slash: a message, not a command
+        elif line.startswith("/"):
+            write(f"Unknown command {command!r}. {COMMANDS}\n")
+            continue
         history.append({"role": "user", "content": line})
         reply = []
-        for piece in model.stream(history, mode, **sampling):
-            reply.append(piece)
-            write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in model.stream(history, mode, **sampling):
+                reply.append(piece)
+                write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            history.pop()
+            write("\n[reply interrupted]\n")
+            continue
         write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
 
