@@ -29,7 +29,7 @@ from .advantages import (
     response_mean_entropy,
 )
 from .config import check_finite_numbers, resolve_config
-from .loss_pass import LossPassAdvantagesMixin
+from .loss_pass import LossPassAdvantagesMixin, loss_mask
 from .safety import SafeTrainingMixin
 
 # Loss types whose per-token loss is the PPO clipped surrogate `-min(r A, clip(r) A)`, which Clip-Cov is defined on.
@@ -175,10 +175,7 @@ class _LossPassAdvantageTrainer(LossPassAdvantagesMixin, _BaselineGRPOTrainer):
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         inputs = self._take_loss_inputs()
         if inputs is not None:
-            mask = inputs["completion_mask"]
-            if "tool_mask" in inputs:
-                mask = mask * inputs["tool_mask"]
-            inputs["advantages"] = self._shape_advantages(inputs, logps.detach(), entropies.detach(), mask)
+            inputs["advantages"] = self._shape_advantages(inputs, logps.detach(), entropies.detach(), loss_mask(inputs))
         return logps, entropies, aux_loss
 
     def _log_mean(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
@@ -354,8 +351,7 @@ class EntropyDrivenAdvantageGRPOTrainer(_BaselineGRPOTrainer):
                     batch_size=batch_size,
                     compute_entropy=True,
                 )
-        mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
-        local = response_mean_entropy(entropies.float(), mask)
+        local = response_mean_entropy(entropies.float(), loss_mask(output))
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         gathered = self.accelerator.gather(local)
         relative = relative_response_entropy(gathered, group_size, self.args.edge_epsilon)

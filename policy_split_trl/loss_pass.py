@@ -7,6 +7,12 @@ from typing import Any
 import torch
 
 
+def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """The completion tokens that count in the loss: the completion mask without tool-output tokens (as TRL)."""
+    mask = batch["completion_mask"]
+    return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
+
+
 class LossPassAdvantagesMixin:
     """
     Lets a `GRPOTrainer` subclass change a micro-batch's advantages inside TRL's loss pass, from that pass's own

@@ -25,7 +25,7 @@ from .advantages import (
 )
 from .config import PolicySplitGRPOConfig, resolve_config
 from .hub import modes_card_section, policy_split_metadata, write_policy_split_json
-from .loss_pass import LossPassAdvantagesMixin
+from .loss_pass import LossPassAdvantagesMixin, loss_mask
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
 from .safety import SafeTrainingMixin
 
@@ -139,12 +139,6 @@ HE_KEY_PREFIX = "policy_split_he_"
 
 def _is_row_tensor(value: Any, num_rows: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == num_rows
-
-
-def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
-    """The completion tokens that count in the loss: the completion mask without tool-output tokens (as TRL)."""
-    mask = batch["completion_mask"]
-    return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
 
 
 def _loss_tokens(batch: dict[str, Any]) -> float:
