@@ -589,9 +589,10 @@ def _warn_if_checkpoints_would_be_overwritten(output_dir: str) -> None:
     """A new run into the folder of an earlier one replaces its checkpoints of the same step: say so first."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    if os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+    latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if latest:
         print(
-            f"WARNING: {output_dir} holds checkpoints of an earlier run (latest: {get_last_checkpoint(output_dir)}); "
+            f"WARNING: {output_dir} holds checkpoints of an earlier run (latest: {latest}); "
             "this run starts from scratch and saves over checkpoints of the same step. To continue that run instead, "
             "pass --resume_from_checkpoint true.",
             file=sys.stderr,
