@@ -170,7 +170,7 @@ def normalize_bonus(bonus: torch.Tensor, mask: torch.Tensor, group_size: int) ->
 
 
 def _clip_input(normalized_bonus: torch.Tensor, eta: float, eta_placement: str) -> torch.Tensor:
-    """What Eq. 3 clips: `B` itself (eta outside the clip) or `eta * B` (eta inside, Cheng et al. 2025)."""
+    """What Eq. 3 clips: `eta * B` (eta inside: the authors' code, Cheng et al. 2025) or `B` (eta outside, as typeset)."""
     if eta_placement == "outside_clip":
         return normalized_bonus
     if eta_placement == "inside_clip":
@@ -183,13 +183,15 @@ def clipped_bonus(
     normalized_bonus: torch.Tensor,
     eta: float,
     kappa: float,
-    eta_placement: str = "outside_clip",
+    eta_placement: str = "inside_clip",
 ) -> torch.Tensor:
     """
     The bonus term of Eq. 3, clipped so that it never flips the sign of the correctness advantage.
 
-    - `eta_placement="outside_clip"` (as typeset): `eta * clip(B, -|A|/kappa, +|A|/kappa)`; at most `eta|A|/kappa`.
-    - `eta_placement="inside_clip"` (Cheng et al. 2025): `clip(eta * B, -|A|/kappa, +|A|/kappa)`; at most `|A|/kappa`.
+    - `eta_placement="inside_clip"` (default; the authors' released code, Cheng et al. 2025):
+      `clip(eta * B, -|A|/kappa, +|A|/kappa)`; at most `|A|/kappa`.
+    - `eta_placement="outside_clip"` (Eq. 3 as typeset): `eta * clip(B, -|A|/kappa, +|A|/kappa)`; at most
+      `eta|A|/kappa`.
 
     Where `A = 0` the bound is 0, so the bonus is 0.
 
@@ -202,8 +204,8 @@ def clipped_bonus(
             Coefficient (`eta` for HE-context rows, `eta'` for normal-context rows).
         kappa (`float`):
             Clip ratio, `> 1`.
-        eta_placement (`str`, *optional*, defaults to `"outside_clip"`):
-            `"outside_clip"` or `"inside_clip"`.
+        eta_placement (`str`, *optional*, defaults to `"inside_clip"`):
+            `"inside_clip"` or `"outside_clip"`.
 
     Returns:
         `torch.Tensor`: shape `(B, T)`.
@@ -218,7 +220,7 @@ def entropy_regularized_advantages(
     normalized_bonus: torch.Tensor,
     eta: float,
     kappa: float,
-    eta_placement: str = "outside_clip",
+    eta_placement: str = "inside_clip",
 ) -> torch.Tensor:
     """
     Per-token advantage of a row with the bonus (Eq. 3): `A^HE_{i,t} = A_i + bonus_{i,t}`.
@@ -235,7 +237,7 @@ def entropy_regularized_advantages(
             Coefficient.
         kappa (`float`):
             Clip ratio.
-        eta_placement (`str`, *optional*, defaults to `"outside_clip"`):
+        eta_placement (`str`, *optional*, defaults to `"inside_clip"`):
             See [`clipped_bonus`].
 
     Returns:
@@ -251,7 +253,7 @@ def bonus_hit_clip(
     normalized_bonus: torch.Tensor,
     eta: float,
     kappa: float,
-    eta_placement: str = "outside_clip",
+    eta_placement: str = "inside_clip",
 ) -> torch.Tensor:
     """
     Which tokens' bonus sits at the clip bound of Eq. 3 (for the `clip fraction` metric).
@@ -267,7 +269,7 @@ def bonus_hit_clip(
             Coefficient.
         kappa (`float`):
             Clip ratio.
-        eta_placement (`str`, *optional*, defaults to `"outside_clip"`):
+        eta_placement (`str`, *optional*, defaults to `"inside_clip"`):
             See [`clipped_bonus`].
 
     Returns:

@@ -192,8 +192,9 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
     joint group. Every rollout is then scored in both contexts and, with rollout sharing (Eq. 10), trained twice:
 
     - normal context (no system prompt): advantage `A_i` on every token (plus the optional `eta'` bonus);
-    - HE context (with the system prompt): `A^HE_{i,t} = A_i + eta * clip(B_{i,t}, -|A_i|/kappa, |A_i|/kappa)`
-      (Eq. 3), where `B` is the group-normalized (Eq. 4) bonus `b = -alpha log pi_HE - (1 - alpha) log pi` (Eq. 6).
+    - HE context (with the system prompt): `A^HE_{i,t} = A_i + clip(eta * B_{i,t}, -|A_i|/kappa, |A_i|/kappa)`
+      (Eq. 3 as the authors' code computes it; `eta_placement="outside_clip"`: `A_i + eta * clip(B_{i,t}, ...)`, as
+      typeset), where `B` is the group-normalized (Eq. 4) bonus `b = -alpha log pi_HE - (1 - alpha) log pi` (Eq. 6).
 
     Without sharing (Eq. 9) each rollout is trained only in the context that generated it. Everything else —
     generation (transformers or vLLM), rewards, the clipped surrogate of every `loss_type`, KL to a reference,

@@ -21,7 +21,8 @@ def test_defaults_are_the_papers():
     cfg = make()
     assert cfg.eta == 0.03 and cfg.kappa == 2.0 and cfg.alpha == 0.5 and cfg.normal_eta == 0.0
     assert cfg.rollout_sharing is True
-    assert cfg.eta_placement == "outside_clip"
+    # The authors' released code puts eta inside the clip (SPEC §2.7): their numbers come from that placement.
+    assert cfg.eta_placement == "inside_clip"
     assert cfg.high_entropy_system_prompt == HIGH_ENTROPY_SYSTEM_PROMPT
     assert cfg.num_high_entropy_generations == cfg.num_generations // 2
     assert cfg.num_high_entropy_generations_eval == cfg.num_high_entropy_generations

@@ -120,7 +120,7 @@ PER_MODE_KEYS = [
 ]
 
 
-def check_sharing_output(out, num_rollouts, eta=ETA, kappa=KAPPA, placement="outside_clip"):
+def check_sharing_output(out, num_rollouts, eta=ETA, kappa=KAPPA, placement="inside_clip"):
     """The SPEC §2.10 invariant on one generation batch with sharing: rows [0, B) normal, [B, 2B) HE context."""
     assert "policy_split_rollout" not in out, "the optimized step completes the advantages in the loss pass"
     b = num_rollouts
@@ -250,11 +250,11 @@ def test_eta_zero_is_grpo_with_sharing(tmp_path, tokenizer):
     assert all(log["policy_split/bonus/abs_mean"] == 0.0 for log in policy_split_logs(trainer))
 
 
-def test_eta_inside_clip(tmp_path, tokenizer):
-    trainer = make_trainer(tmp_path, tokenizer, eta=0.5, eta_placement="inside_clip", max_steps=1)
+def test_eta_outside_clip(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, eta=0.5, eta_placement="outside_clip", max_steps=1)
     outputs = spy_outputs(trainer)
     trainer.train()
-    check_sharing_output(outputs[0], 8, eta=0.5, placement="inside_clip")
+    check_sharing_output(outputs[0], 8, eta=0.5, placement="outside_clip")
 
 
 def test_num_iterations_2_uses_old_logps_of_both_contexts(tmp_path, tokenizer):
