@@ -9,6 +9,8 @@ from .baselines import (
     EntropyDrivenAdvantageGRPOTrainer,
 )
 from .config import PolicySplitGRPOConfig
+from .diagnostics import plot_mode_diagnostics
+from .eta_control import EtaControllerCallback, adaptive_eta_update
 from .methods import METHODS, MethodConfig, apply_method
 from .modes import (
     HIGH_ENTROPY_MODE,
@@ -38,10 +40,13 @@ __all__ = [
     "EntropyAdvantageGRPOTrainer",
     "EntropyDrivenAdvantageGRPOConfig",
     "EntropyDrivenAdvantageGRPOTrainer",
+    "EtaControllerCallback",
     "MethodConfig",
     "PolicySplitGRPOConfig",
     "PolicySplitGRPOTrainer",
+    "adaptive_eta_update",
     "apply_method",
     "apply_mode",
     "apply_system_prompt",
+    "plot_mode_diagnostics",
 ]

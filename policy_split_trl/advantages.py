@@ -304,6 +304,47 @@ def forward_kl_estimate(
     return torch.where(valid, diff, 0.0).sum(), valid.sum().to(torch.float64)
 
 
+def quarter_loss_weights(
+    generated_high_entropy: torch.Tensor, normal_tokens: float, high_entropy_tokens: float
+) -> torch.Tensor:
+    r"""
+    Per-rollout loss weights that turn one token mean over all (row, token) pairs (TRL's `dapo`) into the mean of
+    per-"quarter" token means, as the authors' verl loop weighs its micro-batches (SPEC §2.7).
+
+    A quarter is a (training context, generating mode) pair: with rollout sharing there are four, each holding the
+    tokens `T_g` of the rollouts generated in mode `g` (both contexts train the same tokens); without sharing two. With
+    `N = sum_q N_q` tokens in all and `Q` non-empty quarters, weighting each token of quarter `q` by `N / (Q N_q)`
+    gives `sum_q sum_{t in q} w_q l_t / N = (1/Q) sum_q mean_{t in q} l_t`. Since `N_q = T_g` and `N / Q` is the same
+    with or without sharing, a rollout generated in mode `g` gets, in both contexts,
+
+    $$w_g = \frac{T_{normal} + T_{HE}}{M \, T_g},$$
+
+    `M` the number of modes with tokens (2, or 1 when a mode produced none). Positive weights scale the clipped
+    surrogate exactly (`min(rho wA, clip(rho) wA) = w min(rho A, clip(rho) A)`), so they are applied to the advantages.
+
+    Args:
+        generated_high_entropy (`torch.Tensor`):
+            Shape `(B,)`, bool: which rollouts were generated in HE mode.
+        normal_tokens (`float`):
+            `T_normal`: loss tokens of all normal-generated rollouts of the generation batch, over all processes.
+        high_entropy_tokens (`float`):
+            `T_HE`: the same for HE-generated rollouts.
+
+    Returns:
+        `torch.Tensor`: shape `(B,)`, float32, `w_g` of each rollout (1 for a mode with no tokens: its rows add 0).
+    """
+    total = normal_tokens + high_entropy_tokens
+    modes = (normal_tokens > 0) + (high_entropy_tokens > 0)
+    weight = {}
+    for name, tokens in (("normal", normal_tokens), ("high_entropy", high_entropy_tokens)):
+        weight[name] = total / (modes * tokens) if tokens > 0 else 1.0
+    return torch.where(
+        generated_high_entropy.bool(),
+        torch.tensor(weight["high_entropy"], dtype=torch.float32, device=generated_high_entropy.device),
+        torch.tensor(weight["normal"], dtype=torch.float32, device=generated_high_entropy.device),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Baselines of the paper's comparison (Table 1, Appendix B.3). Their trainers are in `policy_split_trl.baselines`.
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ from transformers import PreTrainedModel
 from trl import GRPOConfig
 from trl.trainer.utils import get_config_model_id
 
+from .diagnostics import check_mode_diagnostics
+from .eta_control import ETA_SCHEDULES, check_eta_schedule
 from .modes import HIGH_ENTROPY_SYSTEM_PROMPT
 
 ETA_PLACEMENTS = ("inside_clip", "outside_clip")
+LOSS_AGGREGATIONS = ("token_mean", "quarter_token_mean")
 
 # Numeric fields of TRL's and transformers' configs whose value may be +/-inf: bounds where "no bound" is meaningful.
 # Every other number must be finite, and NaN is never accepted.
@@ -88,6 +91,12 @@ class PolicySplitGRPOConfig(GRPOConfig):
             2025): `A + clip(eta * B, -|A|/kappa, |A|/kappa)`, the bonus up to `|A|/kappa`. `"outside_clip"` is the
             typeset form `A + eta * clip(B, -|A|/kappa, |A|/kappa)`, whose bonus is at most `eta |A|/kappa` (0.015|A|
             at the paper's eta and kappa) and mostly saturated: 2.5-10x less entropy-driving signal (SPEC §2.7).
+        loss_aggregation (`str`, *optional*, defaults to `"token_mean"`):
+            `"token_mean"`: TRL's `dapo` loss, one token mean over every (row, token) pair of both contexts (verl's
+            token-mean over the whole batch). `"quarter_token_mean"`: the mean of the token means of the four (training
+            context, generating mode) quarters, as the authors' verl loop weighs its micro-batches (each holds one
+            quarter, SPEC §2.7); long rollouts of one mode then weigh no more than short ones of the other. Needs
+            `loss_type="dapo"`; only the policy-gradient term is re-weighted (a `beta` KL term stays a token mean).
         optimized_step (`bool`, *optional*, defaults to `True`):
             Same math, less work: each context's rows are run at their own width (no padding to the high-entropy
             prompt's), the two contexts are trained in separate forward/backward passes (peak activation memory of
@@ -99,6 +108,40 @@ class PolicySplitGRPOConfig(GRPOConfig):
             pass (no scoring pass, fastest), which then trains the HE context in one piece (its rows are longer by the
             system prompt: more activation memory than GRPO on short rollouts). `False`: a scoring pass gives the
             bonus and the HE context is trained in chunks of the normal context's size (peak memory near GRPO's).
+        eta_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`: `eta` as set, the paper's method. `"adaptive"` (beyond the paper): `eta` is the initial value
+            of a controller that, once per optimizer step, multiplies `eta` by `eta_update_factor` when the step's
+            `policy_split/kl_high_entropy_normal` is below the band `[target / (1 + tol), target * (1 + tol)]`
+            (`target = target_kl_high_entropy_normal`, `tol = eta_target_tolerance`), divides it when above, and
+            divides it whatever the KL when the HE context's token entropy exceeds `max_entropy_ratio` times the
+            normal context's; `eta` stays in `[eta_min, eta_max]`. A statistic the step did not measure moves
+            nothing ([`~policy_split_trl.eta_control.adaptive_eta_update`]). Logged as `policy_split/eta`.
+        target_kl_high_entropy_normal (`float`, *optional*):
+            Target of `policy_split/kl_high_entropy_normal` (`KL(pi_HE || pi)` on HE-generated tokens, nats), `> 0`.
+            Required by `eta_schedule="adaptive"`.
+        eta_target_tolerance (`float`, *optional*, defaults to `0.2`):
+            Relative half-width `tol > 0` of the target band `[target / (1 + tol), target * (1 + tol)]`, inside
+            which `eta` does not move. For `eta` to settle, `(1 + tol) ** 2` should exceed `eta_update_factor`.
+        eta_update_factor (`float`, *optional*, defaults to `1.1`):
+            Multiplicative step `> 1` of the adaptive `eta`.
+        eta_min (`float`, *optional*, defaults to `0.001`):
+            Lower bound of the adaptive `eta`, `>= 0`.
+        eta_max (`float`, *optional*, defaults to `0.1`):
+            Upper bound of the adaptive `eta` (the paper's collapse point, Table 3), `>= eta_min`; the initial `eta`
+            must lie in `[eta_min, eta_max]`.
+        max_entropy_ratio (`float`, *optional*, defaults to `1.5`):
+            Entropy ceiling `> 1` of the adaptive `eta`: the step's HE-context token entropy above `max_entropy_ratio`
+            x the normal context's (`policy_split/entropy/{high_entropy,normal}_context`) cuts `eta`. `None`: no
+            ceiling.
+        mode_diagnostics_steps (`int`, *optional*, defaults to `0`):
+            `N > 0`: on optimizer steps 1, N + 1, 2N + 1, ... measure the cosine between the gradients of the
+            normal-context and the high-entropy-context losses (overall and per parameter group) and the hidden-state
+            similarity of the two contexts, logged under `policy_split/diagnostics/` and plotted to
+            `mode_diagnostics.png` ([`~policy_split_trl.diagnostics.ModeDiagnosticsMixin`]; the update is unchanged).
+            `0`: off. Not with FSDP or ZeRO-3.
+        mode_diagnostics_prompts (`int`, *optional*, defaults to `8`):
+            Prompts of the hidden-state similarity: the first ones of the evaluation dataset, else of the training
+            dataset. `0`: no hidden-state similarity.
     """
 
     high_entropy_system_prompt: str = field(
@@ -156,6 +199,15 @@ class PolicySplitGRPOConfig(GRPOConfig):
         },
     )
 
+    loss_aggregation: str = field(
+        default="token_mean",
+        metadata={
+            "help": "'token_mean': one token mean over both contexts (TRL's dapo). 'quarter_token_mean': the mean of "
+            "the token means of the 4 (context, generating mode) quarters, as the authors' verl loop (needs dapo).",
+            "choices": list(LOSS_AGGREGATIONS),
+        },
+    )
+
     optimized_step: bool = field(
         default=True,
         metadata={
@@ -169,6 +221,56 @@ class PolicySplitGRPOConfig(GRPOConfig):
         metadata={
             "help": "On-policy: bonus from the loss pass (fastest). False: a scoring pass, and the high-entropy "
             "context trained in chunks of the normal context's size (peak memory near GRPO's)."
+        },
+    )
+
+    eta_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant': eta as set (the paper). 'adaptive': eta steered once per optimizer step toward "
+            "target_kl_high_entropy_normal, cut on entropy inflation (max_entropy_ratio), within [eta_min, eta_max].",
+            "choices": list(ETA_SCHEDULES),
+        },
+    )
+    target_kl_high_entropy_normal: float | None = field(
+        default=None,
+        metadata={
+            "help": "Target of policy_split/kl_high_entropy_normal (KL(pi_HE || pi) on HE-generated tokens), > 0. "
+            "Required by eta_schedule='adaptive'."
+        },
+    )
+    eta_target_tolerance: float = field(
+        default=0.2,
+        metadata={
+            "help": "Relative half-width tol > 0 of the target band [target/(1+tol), target*(1+tol)] of the "
+            "adaptive eta."
+        },
+    )
+    eta_update_factor: float = field(
+        default=1.1,
+        metadata={"help": "Adaptive eta: multiplied (gap below the band) or divided (above) by this factor > 1."},
+    )
+    eta_min: float = field(default=0.001, metadata={"help": "Lower bound of the adaptive eta, >= 0."})
+    eta_max: float = field(default=0.1, metadata={"help": "Upper bound of the adaptive eta, >= eta_min."})
+    max_entropy_ratio: float | None = field(
+        default=1.5,
+        metadata={
+            "help": "Adaptive eta: cut eta when the high-entropy context's token entropy exceeds this ratio (> 1) "
+            "times the normal context's. None: no ceiling."
+        },
+    )
+    mode_diagnostics_steps: int = field(
+        default=0,
+        metadata={
+            "help": "N > 0: every N optimizer steps (1, N+1, ...), log the cosine between the two contexts' loss "
+            "gradients and their hidden-state similarity (policy_split/diagnostics/*). 0: off."
+        },
+    )
+    mode_diagnostics_prompts: int = field(
+        default=8,
+        metadata={
+            "help": "Prompts of the hidden-state similarity (the eval dataset's first ones, else the training "
+            "dataset's). 0: none."
         },
     )
 
@@ -191,6 +293,16 @@ class PolicySplitGRPOConfig(GRPOConfig):
             raise ValueError(f"eta must be >= 0 (got {self.eta}); the paper uses eta=0.03, eta=0 disables the bonus.")
         if self.eta_placement not in ETA_PLACEMENTS:
             raise ValueError(f"eta_placement must be one of {ETA_PLACEMENTS}, got {self.eta_placement!r}.")
+        check_eta_schedule(self)
+        check_mode_diagnostics(self)
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}.")
+        if self.loss_aggregation == "quarter_token_mean" and self.loss_type != "dapo":
+            raise ValueError(
+                f"loss_aggregation='quarter_token_mean' re-weights the token mean of loss_type='dapo', got "
+                f"loss_type={self.loss_type!r}. Set loss_type: dapo (the authors' token-mean), or loss_aggregation: "
+                "token_mean."
+            )
 
         if self.num_high_entropy_generations is None:
             self.num_high_entropy_generations = self.num_generations // 2

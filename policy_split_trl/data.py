@@ -386,8 +386,9 @@ def load_prompt_dataset(
     """
     Load a local json/jsonl/parquet/csv file, a saved folder or a Hub dataset, mapped with [`prepare_prompt_dataset`].
 
-    `name_or_path="synthetic:arithmetic"` builds [`synthetic_arithmetic`] (`max_samples` rows, default 1000; the
-    split only changes the seed, so `train` and `test` do not overlap by construction).
+    `name_or_path="synthetic:arithmetic"` builds [`synthetic_arithmetic`] (`max_samples` rows, default 1000). The
+    split only changes the seed: with operands 0-20 there are 882 distinct problems, so `train` and `test` share
+    problems (held out by seed, not by content; filter on the question text where that matters).
 
     Args:
         name_or_path (`str`):

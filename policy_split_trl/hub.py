@@ -19,9 +19,15 @@ MODE_PURPOSES = {
 }
 
 _TRAINING_FIELDS = (
-    "eta", "kappa", "alpha", "normal_eta", "eta_placement", "rollout_sharing", "num_generations",
+    "eta", "kappa", "alpha", "normal_eta", "eta_placement", "loss_aggregation", "rollout_sharing", "num_generations",
     "num_high_entropy_generations", "loss_type", "beta", "epsilon", "learning_rate", "temperature",
     "max_completion_length",
+)  # fmt: skip
+# Recorded with `eta_schedule="adaptive"` only: `eta` is then the initial value of a controller, not the eta
+# trained with.
+_ADAPTIVE_ETA_FIELDS = (
+    "eta_schedule", "target_kl_high_entropy_normal", "eta_target_tolerance", "eta_update_factor", "eta_min",
+    "eta_max", "max_entropy_ratio",
 )  # fmt: skip
 
 
@@ -38,6 +44,8 @@ def policy_split_metadata(args: Any) -> dict[str, Any]:
     """
     from . import __version__
 
+    adaptive = getattr(args, "eta_schedule", None) == "adaptive"
+    training_fields = _TRAINING_FIELDS + (_ADAPTIVE_ETA_FIELDS if adaptive else ())
     return {
         "format_version": FORMAT_VERSION,
         "library": f"policy-split-trl {__version__}",
@@ -49,7 +57,7 @@ def policy_split_metadata(args: Any) -> dict[str, Any]:
                 "purpose": MODE_PURPOSES[HIGH_ENTROPY_MODE],
             },
         },
-        "training": {name: getattr(args, name) for name in _TRAINING_FIELDS if hasattr(args, name)},
+        "training": {name: getattr(args, name) for name in training_fields if hasattr(args, name)},
     }
 
 

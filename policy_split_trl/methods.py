@@ -114,7 +114,7 @@ METHODS: dict[str, MethodSpec] = {
             "grpo_rollout_sharing",
             "GRPO w/ sharing",
             _POLICY_SPLIT,
-            fixed={"eta": 0.0, "normal_eta": 0.0, "rollout_sharing": True},
+            fixed={"eta": 0.0, "normal_eta": 0.0, "rollout_sharing": True, "eta_schedule": "constant"},
             dual_mode=True,
             reference="arXiv 2604.11510, Table 4: both modes and rollout sharing, no entropy bonus",
         ),

@@ -20,10 +20,13 @@ from .advantages import (
     entropy_regularized_advantages,
     forward_kl_estimate,
     group_mean_std,
+    quarter_loss_weights,
     row_token_moments,
     standardize_bonus,
 )
 from .config import PolicySplitGRPOConfig, resolve_config
+from .diagnostics import ModeDiagnosticsMixin
+from .eta_control import EtaControllerCallback, check_eta_schedule
 from .hub import modes_card_section, policy_split_metadata, write_policy_split_json
 from .loss_pass import LossPassAdvantagesMixin, loss_mask
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
@@ -182,7 +185,7 @@ def expand_contexts(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTrainer):
+class PolicySplitGRPOTrainer(ModeDiagnosticsMixin, LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTrainer):
     """
     Trainer for Policy Split: dual-mode, entropy-regularized GRPO (arXiv 2604.11510).
 
@@ -249,7 +252,10 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
                     f"PolicySplitGRPOTrainer does not support `{unsupported}` yet: it must re-score each rollout under "
                     "the other mode's prompt, which a custom rollout or environment may have rewritten."
                 )
+        check_eta_schedule(args)  # again: a config may be changed after it is built (e.g. by `apply_method`)
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        # The `eta` in force and the adaptive controller's state, saved in and restored from checkpoints.
+        self.add_callback(EtaControllerCallback(args.eta))
         self._policy_split_rewards: torch.Tensor | None = None
         self._policy_split_lengths: list[int] | None = None
         self._policy_split_entropies: torch.Tensor | None = None
@@ -290,6 +296,33 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
             f.write("\n" + modes_card_section(policy_split_metadata(self.args), model_id, eval_results))
 
     # ------------------------------------------------------------------ small hooks into TRL
+    @property
+    def _eta_controller(self) -> EtaControllerCallback | None:
+        # Looked up, not kept: transformers replaces the callback object when it restores callback states on resume.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, EtaControllerCallback):
+                return callback
+        return None
+
+    @property
+    def _eta(self) -> float:
+        """The `eta` of Eq. 3 in force: `args.eta` (`eta_schedule="constant"`), or the adaptive controller's."""
+        if self.args.eta_schedule == "constant":
+            return self.args.eta
+        controller = self._eta_controller
+        if controller is None:
+            raise RuntimeError(
+                "eta_schedule='adaptive' needs the trainer's EtaControllerCallback, which was removed from its "
+                "callbacks. Keep it (it holds the current eta), or use eta_schedule='constant'."
+            )
+        return controller.eta
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # once per optimizer step: the eta in force during the step
+            self._metrics["train"]["policy_split/eta"].append(self._eta)
+        return loss
+
     def _mode_split(self, mode: str) -> tuple[int, int]:
         """`(G, number of HE rollouts per group)` for `"train"` or `"eval"`."""
         if mode == "train":
@@ -366,8 +399,14 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
         # The loss pass computes per-token entropies; kept so `_compute_loss` can log them per context.
         self._policy_split_entropies = None if entropies is None else entropies.detach()
         inputs = self._take_loss_inputs()
-        if inputs is not None and "policy_split_rollout" in inputs:
-            inputs["advantages"] = self._bonus_from_loss_pass(inputs, logps.detach())
+        if inputs is not None:
+            advantages = inputs["advantages"]
+            if "policy_split_rollout" in inputs:
+                advantages = self._bonus_from_loss_pass(inputs, logps.detach())
+            if "policy_split_loss_weight" in inputs:  # `quarter_token_mean`: after the bonus, whose clip uses |A|
+                weight = inputs["policy_split_loss_weight"]
+                advantages = advantages * (weight.unsqueeze(1) if advantages.dim() == 2 else weight)
+            inputs["advantages"] = advantages
         return logps, entropies, aux_loss
 
     def _loss_forward_chunks(self) -> int:
@@ -408,6 +447,8 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
                 sums[2 * ctx + 1] += ctx_mask.sum()
         totals = self.accelerator.reduce(sums, reduction="sum").tolist()
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and self.args.eta_schedule == "adaptive":  # reduced over all processes: the same on each
+            self._eta_controller.record_entropies(*totals)
         for name, (total, count) in zip(("normal_context", "high_entropy_context"), (totals[:2], totals[2:])):
             if count > 0:
                 self._metrics[mode][f"policy_split/entropy/{name}"].append(total / count)
@@ -511,7 +552,7 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
         group_size = self._mode_split(mode)[0]
         normalized = self._normalize_bonus(dual_mode_bonus(logps_he, logps_normal, self.args.alpha), mask, group_size)
         args = self.args
-        adv_he = entropy_regularized_advantages(base, normalized, args.eta, args.kappa, args.eta_placement)
+        adv_he = entropy_regularized_advantages(base, normalized, self._eta, args.kappa, args.eta_placement)
         # In the log-probs' precision, as when the bonus comes from the generation step.
         shaped = advantages.to(torch.promote_types(advantages.dtype, adv_he.dtype), copy=True)
         shaped[he_rows] = adv_he.to(shaped.dtype)
@@ -654,7 +695,7 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
             # Eq. 6 -> Eq. 4 (exact group statistics from gathered per-row moments) -> Eq. 3.
             bonus = dual_mode_bonus(logps_he, logps_normal, args.alpha)
             normalized = self._normalize_bonus(bonus, mask, group_size)
-            adv_he = entropy_regularized_advantages(advantages, normalized, args.eta, args.kappa, args.eta_placement)
+            adv_he = entropy_regularized_advantages(advantages, normalized, self._eta, args.kappa, args.eta_placement)
             adv_normal = entropy_regularized_advantages(
                 advantages, normalized, args.normal_eta, args.kappa, args.eta_placement
             )
@@ -699,6 +740,11 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
             output["policy_split_context"] = is_he.long()
             he_context_rows = is_he
             context_widths = [self._prompt_widths(output["prompt_mask"][rows]) for rows in (~is_he, is_he)]
+        if args.loss_aggregation == "quarter_token_mean":
+            # Tokens of each generating mode over the whole generation batch (all processes): one reduction, always.
+            local = torch.stack([(mask * (~is_he).unsqueeze(1)).sum(), (mask * he_col).sum()]).double()
+            normal_tokens, he_tokens = self.accelerator.reduce(local, reduction="sum").tolist()
+            output["policy_split_loss_weight"] = quarter_loss_weights(is_he, normal_tokens, he_tokens)
         self._plan_forward_passes(output, context_widths, completion_ids.size(1))
 
         if not deferred:
@@ -791,7 +837,7 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
         # Bonus statistics over the tokens trained in the HE context.
         bonus_mask = (mask * he_context_rows.unsqueeze(1)).bool()
         bonus_abs = torch.where(bonus_mask, (adv_he - advantages.unsqueeze(1)).abs(), 0.0).sum()
-        clipped = bonus_hit_clip(advantages, normalized, args.eta, args.kappa, args.eta_placement) & bonus_mask
+        clipped = bonus_hit_clip(advantages, normalized, self._eta, args.kappa, args.eta_placement) & bonus_mask
         local = torch.stack(
             [
                 *kl_he,
@@ -803,6 +849,8 @@ class PolicySplitGRPOTrainer(LossPassAdvantagesMixin, SafeTrainingMixin, GRPOTra
         )
         totals = self.accelerator.reduce(local, reduction="sum").tolist()
         (kl_he_sum, kl_he_n, kl_n_sum, kl_n_n, abs_sum, bonus_n, clipped_n) = totals
+        if mode == "train" and args.eta_schedule == "adaptive":  # reduced over all processes: the same on each
+            self._eta_controller.record_kl(kl_he_sum, kl_he_n)
         if kl_he_n > 0:
             metrics["policy_split/kl_high_entropy_normal"].append(kl_he_sum / kl_he_n)
         if kl_n_n > 0:

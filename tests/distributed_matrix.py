@@ -56,11 +56,13 @@ DIMENSIONS: dict[str, tuple] = {
     "bonus_from_loss_pass": (True, False),
     "vllm": (False, True),
 }
-# Beyond the product: LoRA and a KL term (the reference scored in both contexts).
+# Beyond the product: LoRA, a KL term (the reference scored in both contexts) and the per-quarter loss.
 EXTRA_CELLS: list[dict[str, Any]] = [
     {"lora": True},
     {"beta": 0.04},
     {"lora": True, "beta": 0.04, "vllm": True, "gradient_accumulation_steps": 2, "steps_per_generation": 2},
+    # The authors' per-quarter token mean: one more reduction in the generation step, weights on the advantages.
+    {"loss_aggregation": "quarter_token_mean", "gradient_accumulation_steps": 2, "steps_per_generation": 2},
 ]
 COLLECTIVES = (
     "all_reduce",
@@ -263,6 +265,7 @@ def run_cell(cell: dict[str, Any], out_dir: str, model_path: str, counter_ref: l
             max_completion_length=MAX_COMPLETION_LENGTH,
             max_steps=MAX_STEPS,
             beta=cell.get("beta", 0.0),
+            loss_aggregation=cell.get("loss_aggregation", "token_mean"),
             # float64: equal math gives equal weights to ~1e-12, so a real difference between layouts cannot hide.
             model_init_kwargs={"dtype": "auto"},
         ),

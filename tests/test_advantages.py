@@ -12,6 +12,7 @@ from policy_split_trl.advantages import (
     group_advantages,
     group_mean_std,
     normalize_bonus,
+    quarter_loss_weights,
     row_token_moments,
     standardize_bonus,
 )
@@ -199,3 +200,14 @@ def test_forward_kl_estimate_sums():
     assert count.item() == 4
     total, _ = forward_kl_estimate(lp_p, lp_q, torch.tensor([[1, 0, 0], [1, 0, 0]]))
     assert total.item() == pytest.approx(1.0)
+
+
+def test_quarter_loss_weights_hand_computed():
+    # T_normal = 30, T_HE = 10 tokens: w_normal = 40 / (2 * 30) = 2/3, w_HE = 40 / (2 * 10) = 2.
+    weights = quarter_loss_weights(torch.tensor([False, True, True]), 30.0, 10.0)
+    torch.testing.assert_close(weights, torch.tensor([2 / 3, 2.0, 2.0]))
+    # Each quarter then weighs the same: sum of w * tokens per generating mode = (T_normal + T_HE) / 2 each.
+    assert 30.0 * weights[0].item() == pytest.approx(10.0 * weights[1].item())
+    # A mode without tokens: only the other mode's quarters count, at weight 1 (the plain token mean).
+    assert quarter_loss_weights(torch.tensor([False, True]), 30.0, 0.0).tolist() == [1.0, 1.0]
+    assert quarter_loss_weights(torch.tensor([False, True]), 0.0, 12.0).tolist() == [1.0, 1.0]

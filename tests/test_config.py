@@ -85,8 +85,18 @@ def test_every_field_has_help():
         "normal_eta",
         "rollout_sharing",
         "eta_placement",
+        "loss_aggregation",
         "optimized_step",
         "bonus_from_loss_pass",
+        "eta_schedule",
+        "target_kl_high_entropy_normal",
+        "eta_target_tolerance",
+        "eta_update_factor",
+        "eta_min",
+        "eta_max",
+        "max_entropy_ratio",
+        "mode_diagnostics_steps",
+        "mode_diagnostics_prompts",
     }
     for f in fields(PolicySplitGRPOConfig):
         if f.name in own:

@@ -115,10 +115,12 @@ def metric(trainer, name):
         {},  # on-policy: bonus from the loss pass, contexts trained separately, no scoring pass
         {"num_iterations": 2, "beta": 0.04},  # old and reference log-probs of both contexts from scoring passes
         {"normal_eta": 0.01, "loss_type": "grpo"},  # one loss pass (normal rows need the bonus too), per-row mean
-        {"loss_type": "bnpo", "eta_placement": "inside_clip"},  # token mean over the micro-batch
+        {"loss_type": "bnpo", "eta_placement": "outside_clip"},  # token mean over the micro-batch, Eq. 3 as typeset
         {"bonus_from_loss_pass": False, "loss_type": "grpo"},  # scoring pass, HE rows in normal-sized chunks
+        {"loss_aggregation": "quarter_token_mean"},  # quarter weights on the advantages the loss pass completes
+        {"loss_aggregation": "quarter_token_mean", "bonus_from_loss_pass": False},  # ... and on finished ones
     ],
-    ids=["on_policy", "off_policy_beta", "normal_eta_grpo", "bnpo_inside", "low_memory"],
+    ids=["on_policy", "off_policy_beta", "normal_eta_grpo", "bnpo_outside", "low_memory", "quarters", "quarters_low"],
 )
 def test_optimized_step_equals_the_reference_path(tmp_path, tokenizer, tiny_model_path, monkeypatch, settings):
     fast, reference = pair(tmp_path, tokenizer, tiny_model_path, **settings)

@@ -313,7 +313,7 @@ def test_a_recipe_knob_its_own_method_does_not_use_is_warned_about(tiny_model_pa
         warnings.simplefilter("always")
         run(cli(tiny_model_path, tmp_path, "--dry_run", config=recipe(tmp_path, method="grpo")))
     [message] = method_warnings(record)
-    assert "--method grpo does not use alpha, eta, kappa (recipe" in message, message  # yaml.safe_dump sorts keys
+    assert "--method grpo does not use alpha, eta, eta_placement, kappa (recipe" in message, message  # yaml.safe_dump sorts keys
 
 
 def test_a_mode_prompt_file_without_a_high_entropy_mode_is_warned_about(tiny_model_path, tmp_path):

@@ -535,3 +535,59 @@ def test_every_micro_batch_holds_both_contexts_of_its_rollouts(tmp_path, tokeniz
         assert step[0][0] == [0, 0] and all(set(ctx) == {1} for ctx, _ in step[1:])
         assert torch.equal(torch.cat([ids for _, ids in step[1:]]), step[0][1])
         torch.testing.assert_close(step[0][1], inputs["completion_ids"])
+
+
+@pytest.mark.parametrize("rollout_sharing", [True, False])
+def test_quarter_token_mean_is_the_mean_of_quarter_token_means(tmp_path, tokenizer, monkeypatch, rollout_sharing):
+    """
+    On-policy the clipped surrogate of a token is `-A_t` (ratio 1), so TRL's `dapo` loss is `-sum A_t / N` and the
+    `quarter_token_mean` loss must be `-(1/Q) sum_q mean_{t in q} A_t` over the (context, generating mode) quarters.
+    """
+
+    def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        # Normal rollouts of 9-12 tokens, HE rollouts of 2-4 ending in EOS: the quarters have very different sizes.
+        eos = self.processing_class.eos_token_id
+        lengths = [9 + i % 4 if i % G < G // 2 else 2 + i % 3 for i in range(len(prompt_ids))]
+        return [[20 + (i * 7 + t) % 300 for t in range(n - 1)] + [eos] for i, n in enumerate(lengths)], None
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generate)
+    kwargs = {"eta": 0.5, "rollout_sharing": rollout_sharing, "max_steps": 1}
+    dataset = arithmetic_dataset(2)
+    inputs = [row for row in dataset for _ in range(G)]
+    losses = {}
+    for aggregation in ("token_mean", "quarter_token_mean"):
+        trainer = make_trainer(tmp_path, tokenizer, loss_aggregation=aggregation, dataset=dataset, **kwargs)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        torch.manual_seed(0)
+        out = trainer._generate_and_score_completions(inputs)
+        assert ("policy_split_loss_weight" in out) == (aggregation == "quarter_token_mean")
+        with torch.no_grad():
+            losses[aggregation] = trainer.compute_loss(trainer.model, out).item()
+        rows = expand_contexts(out)
+        mask = rows["completion_mask"].bool()
+        advantages = rows["advantages"].expand_as(mask) if rows["advantages"].dim() == 2 else rows["advantages"]
+        advantages = advantages.unsqueeze(1).expand_as(mask) if advantages.dim() == 1 else advantages
+        generated_he = torch.tensor([i % G >= G // 2 for i in range(len(inputs))])
+        if rollout_sharing:
+            generated_he = generated_he.repeat(2)
+        context = rows["policy_split_context"].bool()
+        quarter_means = [
+            advantages[mask & (context == ctx).unsqueeze(1) & (generated_he == gen).unsqueeze(1)].double().mean()
+            for ctx in (False, True)
+            for gen in (False, True)
+            if bool(((context == ctx) & (generated_he == gen)).any())
+        ]
+        assert len(quarter_means) == (4 if rollout_sharing else 2)
+        expected = {
+            "token_mean": -advantages[mask].double().mean().item(),
+            "quarter_token_mean": -torch.stack(quarter_means).mean().item(),
+        }[aggregation]
+        assert losses[aggregation] == pytest.approx(expected, abs=1e-5)
+    # The modes' rollouts differ in length, so the two aggregations are not the same loss.
+    assert losses["token_mean"] != pytest.approx(losses["quarter_token_mean"], abs=1e-4)
+
+
+def test_quarter_token_mean_needs_dapo(tmp_path):
+    with pytest.raises(ValueError, match="loss_aggregation='quarter_token_mean' re-weights"):
+        config(tmp_path, loss_aggregation="quarter_token_mean", loss_type="grpo")

@@ -401,7 +401,11 @@ def dry_run_summary(
             "alpha": training_args.alpha,
             "normal_eta": training_args.normal_eta,
             "eta_placement": training_args.eta_placement,
+            "loss_aggregation": training_args.loss_aggregation,
+            "eta_schedule": training_args.eta_schedule,  # adaptive: `eta` is the controller's initial value
         }
+        if training_args.eta_schedule == "adaptive":
+            summary["bonus"]["target_kl_high_entropy_normal"] = training_args.target_kl_high_entropy_normal
     else:
         settings = method_settings(script_args.method, training_args)
         if settings:
