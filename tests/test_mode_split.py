@@ -61,14 +61,17 @@ def test_aggregate_metrics_per_method_over_seeds():
 def test_paired_differences_by_seed():
     runs = [
         _run("ps", 0, {"kl": 0.30}), _run("ps", 1, {"kl": 0.10}), _run("ps", 2, {"kl": 0.50}),
+        _run("ps", 3, {"kl": 0.25}),
         _run("share", 0, {"kl": 0.10}), _run("share", 1, {"kl": 0.20}),  # seed 2 missing: not paired
+        _run("share", 3, {"kl": 0.25}),  # a tie: not counted as "> 0"
     ]  # fmt: skip
     out = paired_differences(runs, "ps", "share", ["kl"])
-    assert out["kl"]["seeds"] == [0, 1]
-    assert out["kl"]["values"] == pytest.approx([0.20, -0.10])
-    assert out["kl"]["mean"] == pytest.approx(0.05)
-    assert out["kl"]["std"] == pytest.approx(math.sqrt(0.045))  # ((0.15)^2 + (0.15)^2) / 1
-    assert out["kl"]["positive"] == 1 and out["kl"]["n"] == 2
+    assert out["kl"]["seeds"] == [0, 1, 3]
+    assert out["kl"]["values"] == pytest.approx([0.20, -0.10, 0.0])
+    assert out["kl"]["mean"] == pytest.approx(1 / 30)
+    # deviations 1/6, -2/15, -1/30: (25 + 16 + 1) / 900 / 2 = 7/300
+    assert out["kl"]["std"] == pytest.approx(math.sqrt(7 / 300))
+    assert out["kl"]["positive"] == 1 and out["kl"]["n"] == 3
 
 
 def test_aggregate_curves_over_common_steps():
@@ -102,6 +105,35 @@ def test_summary_markdown_has_every_method_and_the_paired_column():
     # A metric no run has is not a row; each row has as many cells as the header.
     assert "Acc normal" not in text
     assert row.count("|") == header.count("|")
+
+
+def test_probe_callback_measures_at_zero_every_k_and_the_last_step():
+    from types import SimpleNamespace
+
+    from policy_split_trl.benchmarks.mode_split import make_callbacks
+
+    class FakeProbe:
+        completions = ((1, 2, 3),)
+
+        def measure(self, model):
+            return {"entropy_normal_context": 1.0, "entropy_high_entropy_context": 1.5, "kl_high_entropy_normal": 0.1}
+
+    printed = []
+    probe_cb, progress_cb = make_callbacks(FakeProbe(), every=2, max_steps=5, progress=lambda *a: printed.append(a))
+    model = SimpleNamespace(device="cpu", training=True, eval=lambda: None, train=lambda mode=True: None)
+    probe_cb.trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model)
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    probe_cb.on_train_begin(None, state, None)
+    for step in range(1, 6):
+        state.global_step = step
+        probe_cb.on_step_end(None, state, None)
+        progress_cb.on_log(None, state, None, logs={"frac_reward_zero_std": 0.5, "reward": 0.25})
+    assert [p["step"] for p in probe_cb.curve] == [0, 2, 4, 5]
+    assert probe_cb.curve[-1]["entropy_gap"] == pytest.approx(0.5)
+    assert [a[0] for a in printed] == [1, 2, 3, 4, 5]
+    state.is_world_process_zero = False  # only the main process prints
+    progress_cb.on_log(None, state, None, logs={"frac_reward_zero_std": 0.5})
+    assert len(printed) == 5
 
 
 def test_check_settings_names_the_difference():
