@@ -29,6 +29,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check --isolated --line-length 119 policy_split_trl tests
+	$(BIN)/ruff format --isolated --line-length 119 --check policy_split_trl tests
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -q
 
 # No `install` prerequisite, on purpose: it would install the CPU torch. GPU_PYTHON=/path/to/python picks the env.

@@ -23,8 +23,7 @@ from .modes import (
     apply_system_prompt,
 )
 from .trainer import PolicySplitGRPOTrainer
-
-__version__ = "0.1.0.dev0"
+from .version import __version__ as __version__  # re-exported: `policy_split_trl.__version__`
 
 __all__ = [
     "HIGH_ENTROPY_MODE",

@@ -29,7 +29,7 @@ from .advantages import (
     response_mean_entropy,
 )
 from .config import check_finite_numbers, resolve_config
-from .loss_pass import LossPassAdvantagesMixin, loss_mask
+from .loss_pass import LossPassAdvantagesMixin, loss_mask, train_or_eval
 from .safety import SafeTrainingMixin
 
 # Loss types whose per-token loss is the PPO clipped surrogate `-min(r A, clip(r) A)`, which Clip-Cov is defined on.
@@ -175,11 +175,13 @@ class _LossPassAdvantageTrainer(LossPassAdvantagesMixin, _BaselineGRPOTrainer):
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         inputs = self._take_loss_inputs()
         if inputs is not None:
-            inputs["advantages"] = self._shape_advantages(inputs, logps.detach(), entropies.detach(), loss_mask(inputs))
+            inputs["advantages"] = self._shape_advantages(
+                inputs, logps.detach(), entropies.detach(), loss_mask(inputs)
+            )
         return logps, entropies, aux_loss
 
     def _log_mean(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
-        mode = "train" if self.model.training else "eval"
+        mode = train_or_eval(self.model)
         total, count = self.accelerator.reduce(torch.stack([total, count]).double(), reduction="sum").tolist()
         if count > 0:
             self._metrics[mode][name].append(total / count)
@@ -335,7 +337,7 @@ class EntropyDrivenAdvantageGRPOTrainer(_BaselineGRPOTrainer):
             self._capture_next_pass = False
         entropies, self._captured_entropies = self._captured_entropies, None
         completion_mask = output["completion_mask"]
-        mode = "train" if self.model.training else "eval"
+        mode = train_or_eval(self.model)
         if entropies is None or output.get("old_per_token_logps") is None:
             input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
             attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)

@@ -46,9 +46,7 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 ITERABLE_ROWS_CHECKED = 16
 # Usual names of a prompt column, for the example in the missing-column error.
 PROMPT_COLUMN_NAMES = ("question", "problem", "query", "instruction", "input", "messages", "text")
-PROMPT_FORMAT = (
-    "every prompt must be a non-empty string or a non-empty list of {'role': str, 'content': str} messages"
-)
+PROMPT_FORMAT = "every prompt must be a non-empty string or a non-empty list of {'role': str, 'content': str} messages"
 
 
 def _prompt_problem(prompt: Any) -> str | None:
@@ -412,7 +410,9 @@ def load_prompt_dataset(
 
 
 def _check_max_samples(max_samples: int | None) -> None:
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
         raise ValueError(f"max_samples must be a positive number of rows (or None for all), got {max_samples!r}.")
 
 

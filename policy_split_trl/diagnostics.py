@@ -32,6 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .contexts import HIGH_ENTROPY_CONTEXT, NORMAL_CONTEXT, has_both_contexts
 from .loss_pass import loss_mask
 from .modes import apply_system_prompt
 
@@ -427,8 +428,12 @@ def plot_mode_diagnostics(log_history: list[dict[str, Any]], path: str) -> str |
     """
     from .eval.report import load_pyplot, save_figure
 
-    logs = [h for h in log_history if h.get(DIAGNOSTICS_PREFIX + "grad_cosine", None) is not None or
-            h.get(DIAGNOSTICS_PREFIX + "hidden_cosine", None) is not None]  # fmt: skip
+    logs = [
+        h
+        for h in log_history
+        if h.get(DIAGNOSTICS_PREFIX + "grad_cosine", None) is not None
+        or h.get(DIAGNOSTICS_PREFIX + "hidden_cosine", None) is not None
+    ]
     plt = load_pyplot()
     if not logs or plt is None:
         return None
@@ -620,24 +625,12 @@ class ModeDiagnosticsMixin:
     def _mode_diagnostics_parts(self, inputs: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], float]]:
         """
         `(context, rows, weight)` of each loss pass: `weight * loss(rows)` summed over a context's passes is that
-        context's share of the micro-batch's loss, the two shares sum to it (as in `_compute_loss_by_context`).
+        context's share of the micro-batch's loss, the two shares sum to it.
         """
-        from .trainer import HE_KEY_PREFIX, HIGH_ENTROPY_CONTEXT, NORMAL_CONTEXT, context_rows, select_rows
-
-        if HE_KEY_PREFIX + "prompt_ids" in inputs:  # rollout sharing: every rollout in both contexts
-            normal, high_entropy = context_rows(inputs, NORMAL_CONTEXT), context_rows(inputs, HIGH_ENTROPY_CONTEXT)
-            num_rows = inputs["completion_ids"].size(0)
+        if has_both_contexts(inputs):  # rollout sharing: the training step's passes, one context at a time
             # The HE rows in the planned chunks (same peak memory as the training step); a deferred bonus needs them
             # in one pass, after the normal context's pass (which keeps its log-probs for it).
-            he_chunks = 1 if "policy_split_rollout" in inputs else int(inputs.get("policy_split_he_chunks", 1))
-            rows = torch.arange(num_rows, device=normal["completion_ids"].device).tensor_split(
-                min(he_chunks, num_rows)
-            )
-            parts = [(NORMAL_CONTEXT, normal)] + [(HIGH_ENTROPY_CONTEXT, select_rows(high_entropy, r)) for r in rows]
-            total_tokens = 2.0 * float(loss_mask(normal).sum())
-            for context, part in parts:
-                part["policy_split_forward_chunks"] = 1  # one context per pass
-                yield context, part, self._loss_share(part, 2 * num_rows, total_tokens)
+            yield from self._context_parts(inputs)
             return
         # Without sharing each row is trained in one context: the other context's rows leave the loss through the
         # tool mask (which TRL multiplies into the loss mask, not the attention mask), the forward passes stay those
@@ -672,14 +665,15 @@ class ModeDiagnosticsMixin:
         """
         sizes = [p.numel() for p in params]
         gradients = torch.zeros(2, sum(sizes), dtype=torch.float32, device=self.accelerator.device)
-        for context, part, weight in self._mode_diagnostics_parts(inputs):
-            loss = self._run_loss_pass(unwrapped, part) * weight
-            # autograd.grad, not backward: `.grad` and DDP's reducer stay untouched.
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for grad, target in zip(grads, gradients[context].split(sizes), strict=True):
-                if grad is not None:
-                    target.add_(grad.reshape(-1).to(target.device))
-            del grads, loss
+        with self._open_loss_step():  # the passes of one micro-batch, as in the training step
+            for context, part, weight in self._mode_diagnostics_parts(inputs):
+                loss = self._run_loss_pass(unwrapped, part) * weight
+                # autograd.grad, not backward: `.grad` and DDP's reducer stay untouched.
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for grad, target in zip(grads, gradients[context].split(sizes), strict=True):
+                    if grad is not None:
+                        target.add_(grad.reshape(-1).to(target.device))
+                del grads, loss
         if self.accelerator.num_processes > 1:
             torch.distributed.all_reduce(gradients)  # in place: no third copy
             gradients /= self.accelerator.num_processes

@@ -201,8 +201,9 @@ def runtime_settings(
                 "`use_vllm=True` needs a CUDA GPU, but none is in use (no GPU, or USE_CPU): set USE_VLLM to None "
                 "(automatic) or False."
             )
-        return RuntimeSettings(False, False, False, False, DEFAULT_VLLM_GPU_MEMORY_UTILIZATION, max_model_length,
-                               reason="no GPU")  # fmt: skip
+        return RuntimeSettings(
+            False, False, False, False, DEFAULT_VLLM_GPU_MEMORY_UTILIZATION, max_model_length, reason="no GPU"
+        )
 
     _check_positive("total_memory_gib", total_memory_gib, float)
     if (

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE
+from .version import __version__
 
 POLICY_SPLIT_FILE = "policy_split.json"
 FORMAT_VERSION = 1
@@ -19,16 +20,33 @@ MODE_PURPOSES = {
 }
 
 _TRAINING_FIELDS = (
-    "eta", "kappa", "alpha", "normal_eta", "eta_placement", "loss_aggregation", "rollout_sharing", "num_generations",
-    "num_high_entropy_generations", "loss_type", "beta", "epsilon", "learning_rate", "temperature",
+    "eta",
+    "kappa",
+    "alpha",
+    "normal_eta",
+    "eta_placement",
+    "loss_aggregation",
+    "rollout_sharing",
+    "num_generations",
+    "num_high_entropy_generations",
+    "loss_type",
+    "beta",
+    "epsilon",
+    "learning_rate",
+    "temperature",
     "max_completion_length",
-)  # fmt: skip
+)
 # Recorded with `eta_schedule="adaptive"` only: `eta` is then the initial value of a controller, not the eta
 # trained with.
 _ADAPTIVE_ETA_FIELDS = (
-    "eta_schedule", "target_kl_high_entropy_normal", "eta_target_tolerance", "eta_update_factor", "eta_min",
-    "eta_max", "max_entropy_ratio",
-)  # fmt: skip
+    "eta_schedule",
+    "target_kl_high_entropy_normal",
+    "eta_target_tolerance",
+    "eta_update_factor",
+    "eta_min",
+    "eta_max",
+    "max_entropy_ratio",
+)
 
 
 def policy_split_metadata(args: Any) -> dict[str, Any]:
@@ -42,8 +60,6 @@ def policy_split_metadata(args: Any) -> dict[str, Any]:
     Returns:
         `dict`: format version, paper, modes (name -> system prompt and purpose) and training hyper-parameters.
     """
-    from . import __version__
-
     adaptive = getattr(args, "eta_schedule", None) == "adaptive"
     training_fields = _TRAINING_FIELDS + (_ADAPTIVE_ETA_FIELDS if adaptive else ())
     return {
@@ -244,3 +260,43 @@ def modes_card_section(meta: dict[str, Any], model_id: str, eval_results: dict[s
     if eval_results:
         lines += ["", "### Latest evaluation (per mode)", "", _metrics_table(eval_results)]
     return "\n".join(lines) + "\n"
+
+
+class DualModeHubMixin:
+    """
+    What a dual-mode trainer saves besides TRL's files: `policy_split.json` next to the weights of every checkpoint
+    and of the final model, and a "Modes" section in the model card. Mixed into [`PolicySplitGRPOTrainer`] before
+    TRL's `GRPOTrainer`; both overrides call `super()` first.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        # Next to the weights of every checkpoint and of the final model (full or adapter): the modes and their exact
+        # prompts, so that inference uses what training used.
+        write_policy_split_json(output_dir or self.args.output_dir, self.args)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        eval_results: str | dict | None = None,
+    ) -> None:
+        """
+        TRL's model card plus a "Modes" section (how to call each mode, the recipe, and the latest per-mode metrics).
+
+        Args:
+            model_name, dataset_name, tags:
+                As in TRL.
+            eval_results (`str` or `dict`, *optional*):
+                A `policy-split-eval` `results.json` (path or content) whose per-mode metrics go into the card.
+        """
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        if isinstance(eval_results, str):
+            with open(eval_results) as f:
+                eval_results = json.load(f)
+        model_id = self.hub_model_id or model_name or os.path.basename(os.path.normpath(self.args.output_dir))
+        with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
+            f.write("\n" + modes_card_section(policy_split_metadata(self.args), model_id, eval_results))

@@ -116,9 +116,12 @@ class DualModeModel:
 
     def _inputs(self, messages: Messages, mode: str) -> dict[str, Any]:
         inputs = self.tokenizer.apply_chat_template(
-            self.prompt(messages, mode), add_generation_prompt=True, return_tensors="pt", return_dict=True,
+            self.prompt(messages, mode),
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
             **self.chat_template_kwargs,
-        )  # fmt: skip
+        )
         return {k: v.to(self.model.device) for k, v in inputs.items()}
 
     def _generation_kwargs(self, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> dict:
@@ -163,8 +166,13 @@ class DualModeModel:
             from vllm import SamplingParams
 
             params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or -1, max_tokens=max_new_tokens)
-            outputs = self.llm.chat(self.prompt(messages, mode), params, lora_request=self.lora_request,
-                                    chat_template_kwargs=self.chat_template_kwargs or None, use_tqdm=False)  # fmt: skip
+            outputs = self.llm.chat(
+                self.prompt(messages, mode),
+                params,
+                lora_request=self.lora_request,
+                chat_template_kwargs=self.chat_template_kwargs or None,
+                use_tqdm=False,
+            )
             return outputs[0].outputs[0].text
         inputs = self._inputs(messages, mode)
         out = self.model.generate(**inputs, **self._generation_kwargs(max_new_tokens, temperature, top_p, top_k))

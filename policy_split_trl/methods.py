@@ -2,22 +2,32 @@
 The methods of the paper's comparison (Table 1, Table 4, Appendix B.3) by name, so that a baseline is one flag away:
 `policy-split-train --config <recipe> --method clip_cov`.
 
-A method is a trainer class plus the settings that make it that method. Where TRL already implements a baseline
-(entropy regularization: `entropy_coef`; forking tokens only: `top_entropy_quantile`) the method is only settings on
-TRL's `GRPOTrainer`; the others are the small trainers of [`policy_split_trl.baselines`].
+A method is a trainer class, the config class that trainer reads, and the settings that make it that method. Where
+TRL already implements a baseline (entropy regularization: `entropy_coef`; forking tokens only:
+`top_entropy_quantile`) the method is only settings on TRL's `GRPOTrainer`; the others are the small trainers of
+[`policy_split_trl.baselines`] and Policy Split's own [`~policy_split_trl.trainer.PolicySplitGRPOTrainer`].
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .baselines import ClipCovGRPOConfig, EntropyAdvantageGRPOConfig, EntropyDrivenAdvantageGRPOConfig
+from trl import GRPOConfig, GRPOTrainer
+
+from .baselines import (
+    ClipCovGRPOConfig,
+    ClipCovGRPOTrainer,
+    EntropyAdvantageGRPOConfig,
+    EntropyAdvantageGRPOTrainer,
+    EntropyDrivenAdvantageGRPOConfig,
+    EntropyDrivenAdvantageGRPOTrainer,
+)
 from .config import PolicySplitGRPOConfig
+from .trainer import PolicySplitGRPOTrainer
 
 
 @dataclass(frozen=True)
@@ -30,8 +40,10 @@ class MethodSpec:
             Registry name (`--method`).
         label (`str`):
             Its row name in the paper's Table 1 / Table 4.
-        trainer (`str`):
-            Dotted path of the trainer class.
+        trainer (`type`):
+            The trainer class (a `GRPOTrainer`).
+        config (`type`):
+            The config class whose fields `trainer` reads (a `GRPOConfig`); [`MethodConfig`] is built from these.
         fixed (`dict[str, Any]`):
             Settings that define the method (e.g. `eta=0` for "GRPO w/ sharing"). A conflicting value set by the user
             is an error, not silently replaced (see [`apply_method`]).
@@ -45,67 +57,68 @@ class MethodSpec:
 
     name: str
     label: str
-    trainer: str
+    trainer: type
+    config: type
     fixed: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     dual_mode: bool = False
     reference: str = ""
 
-    def trainer_class(self) -> type:
-        module, _, name = self.trainer.rpartition(".")
-        return getattr(importlib.import_module(module), name)
-
-
-_GRPO = "trl.GRPOTrainer"
-_POLICY_SPLIT = "policy_split_trl.trainer.PolicySplitGRPOTrainer"
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("grpo", "GRPO", _GRPO, reference="Shao et al. 2024 (TRL's GRPOTrainer)"),
+        MethodSpec("grpo", "GRPO", GRPOTrainer, GRPOConfig, reference="Shao et al. 2024 (TRL's GRPOTrainer)"),
         MethodSpec(
             "forking_tokens",
             "w/ Forking Token Only",
-            _GRPO,
+            GRPOTrainer,
+            GRPOConfig,
             defaults={"top_entropy_quantile": 0.2},
             reference="Wang et al. 2025b: gradients only through the top-20% entropy tokens (TRL's top_entropy_quantile)",
         ),
         MethodSpec(
             "clip_cov",
             "w/ Clip-Cov",
-            "policy_split_trl.baselines.ClipCovGRPOTrainer",
+            ClipCovGRPOTrainer,
+            ClipCovGRPOConfig,
             reference="Cui et al. 2025, 'The Entropy Mechanism of RL for Reasoning LMs' (PRIME-RL/Entropy-Mechanism-of-RL)",
         ),
         MethodSpec(
             "entropy_driven_advantage",
             "w/ Ent Driven Adv",
-            "policy_split_trl.baselines.EntropyDrivenAdvantageGRPOTrainer",
+            EntropyDrivenAdvantageGRPOTrainer,
+            EntropyDrivenAdvantageGRPOConfig,
             reference="Zhang et al. 2025d, EDGE-GRPO (signal level: entropy-driven advantage only)",
         ),
         MethodSpec(
             "entropy_regularization",
             "w/ Ent Regularization",
-            _GRPO,
+            GRPOTrainer,
+            GRPOConfig,
             defaults={"entropy_coef": 0.003},
             reference="Schulman et al. 2017; loss coefficient 0.003 as in App. B.3 (TRL's entropy_coef)",
         ),
         MethodSpec(
             "entropy_advantage",
             "w/ Ent Advantage",
-            "policy_split_trl.baselines.EntropyAdvantageGRPOTrainer",
+            EntropyAdvantageGRPOTrainer,
+            EntropyAdvantageGRPOConfig,
             reference="Cheng et al. 2025, 'Reasoning with Exploration: An Entropy Perspective' (alpha 0.4, kappa 2)",
         ),
         MethodSpec(
             "policy_split",
             "Policy Split",
-            _POLICY_SPLIT,
+            PolicySplitGRPOTrainer,
+            PolicySplitGRPOConfig,
             dual_mode=True,
             reference="arXiv 2604.11510 (Eq. 10, rollout sharing)",
         ),
         MethodSpec(
             "policy_split_no_sharing",
             "Policy Split w/o sharing",
-            _POLICY_SPLIT,
+            PolicySplitGRPOTrainer,
+            PolicySplitGRPOConfig,
             fixed={"rollout_sharing": False},
             dual_mode=True,
             reference="arXiv 2604.11510, Eq. 9 (Table 4 ablation)",
@@ -113,7 +126,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "grpo_rollout_sharing",
             "GRPO w/ sharing",
-            _POLICY_SPLIT,
+            PolicySplitGRPOTrainer,
+            PolicySplitGRPOConfig,
             fixed={"eta": 0.0, "normal_eta": 0.0, "rollout_sharing": True, "eta_schedule": "constant"},
             dual_mode=True,
             reference="arXiv 2604.11510, Table 4: both modes and rollout sharing, no entropy bonus",
@@ -122,14 +136,30 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
-@dataclass
-class MethodConfig(
-    PolicySplitGRPOConfig, EntropyAdvantageGRPOConfig, ClipCovGRPOConfig, EntropyDrivenAdvantageGRPOConfig
-):
+def _most_derived_configs(specs: Iterable[MethodSpec]) -> tuple[type, ...]:
     """
-    Every method's settings in one dataclass: all of [`~trl.GRPOConfig`], [`PolicySplitGRPOConfig`],
-    [`EntropyAdvantageGRPOConfig`], [`ClipCovGRPOConfig`] and [`EntropyDrivenAdvantageGRPOConfig`]. This is what
-    `policy-split-train` parses, so one recipe can run any method; each trainer reads only its own fields.
+    The distinct config classes of `specs` in registry order, less any that another one already inherits
+    (`GRPOConfig`): the bases of [`MethodConfig`] (listing a base next to its subclass would break the MRO).
+    """
+    configs = list(dict.fromkeys(spec.config for spec in specs))
+    return tuple(c for c in configs if not any(other is not c and issubclass(other, c) for other in configs))
+
+
+@dataclass
+class MethodConfig(*_most_derived_configs(METHODS.values())):
+    """
+    Every method's settings in one dataclass: all of [`~trl.GRPOConfig`] plus the fields each method's config class
+    adds ([`PolicySplitGRPOConfig`], [`~policy_split_trl.baselines.ClipCovGRPOConfig`],
+    [`~policy_split_trl.baselines.EntropyDrivenAdvantageGRPOConfig`],
+    [`~policy_split_trl.baselines.EntropyAdvantageGRPOConfig`]). Its bases are derived from [`METHODS`], so a method
+    registered with a new config class is parsed without touching this class. Each config's `__post_init__` checks its
+    own fields and calls `super()`, so every method's checks run.
+
+    Why one class for all methods rather than parsing the chosen method's config: it is what `policy-split-train`
+    parses, so one recipe runs any method (`--config policy_split.yaml --method grpo` must accept the recipe's `eta`
+    and warn that `grpo` does not read it, see [`apply_method`], rather than reject an unknown flag), the comparison
+    driver trains every method from one recipe, and `--help` lists every method's flags. Each trainer reads only its
+    own config's fields ([`method_config_class`]).
     """
 
 
@@ -146,12 +176,7 @@ def _precedence(source: str | None) -> int:
 
 def method_config_class(method: str) -> type:
     """The config class whose fields `method`'s trainer reads (`GRPOConfig` for TRL's `GRPOTrainer`)."""
-    from trl import GRPOConfig
-
-    spec = METHODS[method]
-    if spec.trainer == _POLICY_SPLIT:
-        return PolicySplitGRPOConfig
-    return getattr(spec.trainer_class(), "_config_class", None) or GRPOConfig
+    return METHODS[method].config
 
 
 def inapplicable_settings(method: str, names: Iterable[str]) -> list[str]:
@@ -169,8 +194,6 @@ def inapplicable_settings(method: str, names: Iterable[str]) -> list[str]:
     Returns:
         `list[str]`: the inapplicable ones, in the order given.
     """
-    from trl import GRPOConfig
-
     grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     method_fields = {f.name for f in dataclasses.fields(method_config_class(method))}
     extra_fields = {f.name for f in dataclasses.fields(MethodConfig)} - grpo_fields
@@ -183,7 +206,7 @@ def apply_method(method: str, args: Any, explicit: Mapping[str, str] | None = No
     paper hyper-parameters (`defaults`).
 
     What the user set is decided by `explicit` (field name -> where it was written: `"command line"` or a recipe,
-    e.g. from [`~policy_split_trl.scripts.train.explicit_arguments`]), never by the value, so `--eta 0.03` (the
+    e.g. from [`~policy_split_trl.training.explicit_arguments`]), never by the value, so `--eta 0.03` (the
     default value) still counts. A set value that contradicts a fixed setting is an error, except when the method was
     chosen on the command line and the value comes from the recipe: the command line wins over a recipe, as for any
     flag, and a warning names what is replaced (`--config recipe.yaml --method grpo_rollout_sharing` on a recipe that
@@ -217,7 +240,9 @@ def apply_method(method: str, args: Any, explicit: Mapping[str, str] | None = No
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         }
         explicit = {
-            name: "config" for name in {**spec.fixed, **spec.defaults} if getattr(args, name) != field_defaults.get(name)
+            name: "config"
+            for name in {**spec.fixed, **spec.defaults}
+            if getattr(args, name) != field_defaults.get(name)
         }
     method_source = explicit.get("method")
     for name, value in spec.fixed.items():
@@ -252,7 +277,7 @@ def apply_method(method: str, args: Any, explicit: Mapping[str, str] | None = No
             by_source.setdefault(explicit[name], []).append(name)
         where = "; ".join(f"{', '.join(names)} ({source})" for source, names in by_source.items())
         warnings.warn(
-            f"--method {method} does not use {where}: its trainer ({spec.trainer.rsplit('.', 1)[1]}) never reads "
+            f"--method {method} does not use {where}: its trainer ({spec.trainer.__name__}) never reads "
             "these settings, so they have no effect. Remove them, or pick a method that uses them (see "
             "policy_split_trl.methods.METHODS).",
             UserWarning,
@@ -275,8 +300,6 @@ def method_settings(method: str, args: Any) -> dict[str, Any]:
         `dict[str, Any]`: the method's fixed and default settings plus the fields its trainer's config adds to
         `GRPOConfig`.
     """
-    from trl import GRPOConfig
-
     spec = METHODS[method]
     names = list(spec.fixed) + list(spec.defaults)
     grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}

@@ -59,7 +59,9 @@ def full_vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
     return (logp.exp() * (logp - logq)).sum(dim=-1)
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str | list[dict[str, Any]], chat_template_kwargs: dict | None = None) -> list[int]:
+def prompt_token_ids(
+    tokenizer: Any, prompt: str | list[dict[str, Any]], chat_template_kwargs: dict | None = None
+) -> list[int]:
     """Token ids of a prompt as TRL renders it: the chat template with the generation prompt, or the plain text."""
     if isinstance(prompt, str):
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])

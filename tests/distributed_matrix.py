@@ -148,11 +148,21 @@ def use_fake_vllm_server(trainer: PolicySplitGRPOTrainer) -> None:
     """Switch a trainer to TRL's vLLM server mode: its real `VLLMGeneration.generate`, a fake client on process 0."""
     generation = object.__new__(VLLMGeneration)
     generation.__dict__.update(
-        model=trainer.model, accelerator=trainer.accelerator, processing_class=trainer.processing_class,
-        mode="server", structured_outputs_regex=None, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
-        repetition_penalty=1.0, max_completion_length=MAX_COMPLETION_LENGTH, logprobs=0, generation_kwargs={},
+        model=trainer.model,
+        accelerator=trainer.accelerator,
+        processing_class=trainer.processing_class,
+        mode="server",
+        structured_outputs_regex=None,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        logprobs=0,
+        generation_kwargs={},
         enable_sleep_mode=False,
-    )  # fmt: skip
+    )
     if trainer.accelerator.is_main_process:
         generation.vllm_client = FakeVLLMClient(trainer.processing_class.eos_token_id)
     generation.sync_weights = lambda: None  # no vLLM engine to send weights to

@@ -18,7 +18,7 @@ from policy_split_trl import (
     PolicySplitGRPOTrainer,
 )
 from policy_split_trl.advantages import group_advantages, normalize_bonus, response_mean_entropy
-from policy_split_trl.trainer import expand_contexts
+from policy_split_trl.contexts import expand_contexts
 
 G = 4
 
@@ -32,8 +32,13 @@ def main(result_path: str) -> None:
         return length_reward(completions)
 
     # Global batch 4 = one group of G = 4, split across the two ranks.
-    settings = training_args(os.path.join(os.path.dirname(result_path), "out"), per_device_train_batch_size=2,
-                             num_generations=G, max_completion_length=8, max_steps=3)  # fmt: skip
+    settings = training_args(
+        os.path.join(os.path.dirname(result_path), "out"),
+        per_device_train_batch_size=2,
+        num_generations=G,
+        max_completion_length=8,
+        max_steps=3,
+    )
     args = PolicySplitGRPOConfig(**settings)
     trainer = PolicySplitGRPOTrainer(
         model=build_model(tokenizer),
@@ -97,9 +102,13 @@ def main(result_path: str) -> None:
 
     # A low temperature: the random model's distributions are near uniform (entropies equal to 1e-5) at T = 1.
     edge_settings = {**settings, "output_dir": os.path.join(os.path.dirname(result_path), "edge"), "temperature": 0.1}
-    edge = EntropyDrivenAdvantageGRPOTrainer(model=build_model(tokenizer), reward_funcs=[recorded_length_reward],
-                                             args=EntropyDrivenAdvantageGRPOConfig(**edge_settings),
-                                             train_dataset=arithmetic_dataset(8), processing_class=tokenizer)  # fmt: skip
+    edge = EntropyDrivenAdvantageGRPOTrainer(
+        model=build_model(tokenizer),
+        reward_funcs=[recorded_length_reward],
+        args=EntropyDrivenAdvantageGRPOConfig(**edge_settings),
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+    )
     edge.model.train()
     local_rows = [row for row in arithmetic_dataset(1) for _ in range(G)][rank * 2 : rank * 2 + 2]
     out = edge._generate_and_score_completions(local_rows)
@@ -120,8 +129,13 @@ def main(result_path: str) -> None:
     # A non-finite loss on ONE process stops BOTH at the same optimizer step (no process left waiting in a collective),
     # before the update.
     nan_args = PolicySplitGRPOConfig(**{**settings, "output_dir": os.path.join(os.path.dirname(result_path), "nan")})
-    guarded = PolicySplitGRPOTrainer(model=build_model(tokenizer), reward_funcs=[length_reward], args=nan_args,
-                                     train_dataset=arithmetic_dataset(8), processing_class=tokenizer)  # fmt: skip
+    guarded = PolicySplitGRPOTrainer(
+        model=build_model(tokenizer),
+        reward_funcs=[length_reward],
+        args=nan_args,
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+    )
     original_loss = GRPOTrainer._compute_loss
 
     def nan_on_rank_1(self, model, inputs):

@@ -228,9 +228,17 @@ class LLM:
         reply = [CompletionOutput(i, self.reply_text, list(self.reply_token_ids)) for i in range(sampling_params.n)]
         return [RequestOutput(prompt, reply) for prompt in prompts]
 
-    def generate(self, prompts: Any, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True,
-                 lora_request: LoRARequest | None = None, priority: list[int] | None = None,
-                 tokenization_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list:  # fmt: skip
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | None = None,
+        *,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
+        priority: list[int] | None = None,
+        tokenization_kwargs: dict | None = None,
+        mm_processor_kwargs: dict | None = None,
+    ) -> list:
         prompts = prompts if isinstance(prompts, list | tuple) else [prompts]
         for prompt in prompts:
             # a plain string, or a `TextPrompt` / `TokensPrompt` dict (vllm/inputs/data.py)
@@ -239,14 +247,30 @@ class LLM:
                 raise TypeError(f"A prompt is a str, a TextPrompt or a TokensPrompt, got {prompt!r}")
         return self._run("generate", list(prompts), sampling_params, lora_request, use_tqdm=use_tqdm)
 
-    def chat(self, messages: list, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             lora_request: LoRARequest | None = None, chat_template: str | None = None,
-             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
-             continue_final_message: bool = False, tools: list | None = None, chat_template_kwargs: dict | None = None,
-             tokenization_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list:  # fmt: skip
+    def chat(
+        self,
+        messages: list,
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list | None = None,
+        chat_template_kwargs: dict | None = None,
+        tokenization_kwargs: dict | None = None,
+        mm_processor_kwargs: dict | None = None,
+    ) -> list:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        return self._run("chat", conversations, sampling_params, lora_request, use_tqdm=use_tqdm,
-                         chat_template_kwargs=chat_template_kwargs)  # fmt: skip
+        return self._run(
+            "chat",
+            conversations,
+            sampling_params,
+            lora_request,
+            use_tqdm=use_tqdm,
+            chat_template_kwargs=chat_template_kwargs,
+        )
 
 
 def install_fake_vllm(monkeypatch: Any) -> types.ModuleType:

@@ -193,8 +193,15 @@ def test_entropy_advantage_trainer_loss_and_gradient(tmp_path, tokenizer):
 
 def test_clip_cov_trainer_drops_exactly_the_selected_tokens(tmp_path, tokenizer):
     # ratio 1 and the widest bounds: every valid token is selected on-policy, so the policy loss is exactly 0.
-    trainer = make(ClipCovGRPOTrainer, ClipCovGRPOConfig, tmp_path, tokenizer, clip_cov_ratio=1.0,
-                   clip_cov_lb=-1e9, clip_cov_ub=1e9)  # fmt: skip
+    trainer = make(
+        ClipCovGRPOTrainer,
+        ClipCovGRPOConfig,
+        tmp_path,
+        tokenizer,
+        clip_cov_ratio=1.0,
+        clip_cov_lb=-1e9,
+        clip_cov_ub=1e9,
+    )
     out = generation_batch(trainer)
     loss, grad = loss_and_grad(trainer, out)
     assert loss == 0 and grad.abs().max() == 0
@@ -208,8 +215,9 @@ def test_clip_cov_trainer_drops_exactly_the_selected_tokens(tmp_path, tokenizer)
     mask = out["completion_mask"].bool()
     cov = (token_advantages - token_advantages[mask].mean()) * (logps - logps[mask].mean())
     trainer.args.clip_cov_lb, trainer.args.clip_cov_ub = 0.0, float(cov[mask].max()) + 1.0
-    selection = clip_cov_selection(out["advantages"], logps, logps, out["completion_mask"], 0.2, 0.2, 1.0, 0.0,
-                                   trainer.args.clip_cov_ub)  # fmt: skip
+    selection = clip_cov_selection(
+        out["advantages"], logps, logps, out["completion_mask"], 0.2, 0.2, 1.0, 0.0, trainer.args.clip_cov_ub
+    )
     assert 0 < selection.sum() < mask.sum()
     expected = torch.where(selection, 0.0, token_advantages)
     loss, grad = loss_and_grad(trainer, out)
@@ -240,8 +248,14 @@ class RewardRecorder:
 @pytest.mark.parametrize("num_iterations", [1, 2])
 def test_entropy_driven_advantage_divides_a_by_the_relative_entropy(tmp_path, tokenizer, num_iterations, monkeypatch):
     recorder = RewardRecorder()
-    trainer = make(EntropyDrivenAdvantageGRPOTrainer, EntropyDrivenAdvantageGRPOConfig, tmp_path, tokenizer,
-                   rewards=[recorder.func], num_iterations=num_iterations)  # fmt: skip
+    trainer = make(
+        EntropyDrivenAdvantageGRPOTrainer,
+        EntropyDrivenAdvantageGRPOConfig,
+        tmp_path,
+        tokenizer,
+        rewards=[recorder.func],
+        num_iterations=num_iterations,
+    )
     calls = []
     original = GRPOTrainer._get_per_token_logps_and_entropies
 
@@ -267,9 +281,13 @@ def test_entropy_driven_advantage_divides_a_by_the_relative_entropy(tmp_path, to
 
 def test_baseline_trainers_reject_a_plain_grpo_config(tmp_path, tokenizer):
     with pytest.raises(TypeError, match="EntropyAdvantageGRPOConfig"):
-        EntropyAdvantageGRPOTrainer(model=build_model(tokenizer), reward_funcs=[length_reward],
-                                    args=base_config(tmp_path, GRPOConfig), processing_class=tokenizer,
-                                    train_dataset=arithmetic_dataset(4))  # fmt: skip
+        EntropyAdvantageGRPOTrainer(
+            model=build_model(tokenizer),
+            reward_funcs=[length_reward],
+            args=base_config(tmp_path, GRPOConfig),
+            processing_class=tokenizer,
+            train_dataset=arithmetic_dataset(4),
+        )
 
 
 def test_config_validation_names_the_field(tmp_path):
@@ -296,6 +314,18 @@ def test_apply_method_fixed_and_default_settings(tmp_path):
         apply_method("ppo", base_config(tmp_path, MethodConfig))
 
 
+def test_the_registry_holds_each_methods_classes_and_method_config_is_their_union():
+    import dataclasses
+
+    for spec in METHODS.values():
+        assert issubclass(spec.trainer, GRPOTrainer) and issubclass(spec.config, GRPOConfig)
+        # A baseline trainer resolves its args to its own config class: the registry names the same one.
+        assert getattr(spec.trainer, "_config_class", spec.config) is spec.config
+    method_fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    every_config = {f.name for spec in METHODS.values() for f in dataclasses.fields(spec.config)}
+    assert method_fields == every_config
+
+
 OWN_METRIC = {
     "grpo": "reward",
     "forking_tokens": "reward",
@@ -313,13 +343,36 @@ OWN_METRIC = {
 def test_every_method_trains_two_steps_from_the_cli(method, tiny_model_path, tmp_path):
     # A random tiny model's covariances are far below Clip-Cov's paper bounds (1, 5): widen them to see it select.
     extra = ["--clip_cov_lb=-1e9", "--clip_cov_ub=1e9", "--clip_cov_ratio=0.1"] if method == "clip_cov" else []
-    trainer = run([
-        "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--method", method,
-        "--model_name_or_path", tiny_model_path, "--output_dir", str(tmp_path / method), "--max_steps", "2",
-        "--max_completion_length", "8", "--num_generations", "4", "--per_device_train_batch_size", "8",
-        "--mode_report", "false", "--use_cpu", "true", "--report_to", "none", "--learning_rate", "1e-2", *extra,
-    ])  # fmt: skip
-    assert type(trainer).__name__ == METHODS[method].trainer.rsplit(".", 1)[1]
+    trainer = run(
+        [
+            "--config",
+            os.path.join(ROOT, "recipes", "quickstart.yaml"),
+            "--method",
+            method,
+            "--model_name_or_path",
+            tiny_model_path,
+            "--output_dir",
+            str(tmp_path / method),
+            "--max_steps",
+            "2",
+            "--max_completion_length",
+            "8",
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "8",
+            "--mode_report",
+            "false",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+            "--learning_rate",
+            "1e-2",
+            *extra,
+        ]
+    )
+    assert type(trainer) is METHODS[method].trainer
     logs = [h for h in trainer.state.log_history if OWN_METRIC[method] in h]
     assert [h["step"] for h in logs] == [1, 2]
     values = [h[OWN_METRIC[method]] for h in logs]

@@ -122,8 +122,10 @@ def test_arithmetic_generated_is_fixed_distinct_and_correct():
     # Pinned: the generator and seed must not drift, or resumed evaluations would mix two problem sets.
     assert ARITHMETIC_EVAL_SEED == 260411510
     assert [(content(p).rsplit("\n", 1)[1], p.answer) for p in problems[:3]] == [
-        ("What is 18 + 8?", "26"), ("What is 8 + 13?", "21"), ("What is 15 + 20?", "35"),
-    ]  # fmt: skip
+        ("What is 18 + 8?", "26"),
+        ("What is 8 + 13?", "21"),
+        ("What is 15 + 20?", "35"),
+    ]
     for problem, text in zip(problems, questions):
         assert problem.kind == "arithmetic" and problem.benchmark == "arithmetic"
         prefix, question = text.split("\n\n")
@@ -145,9 +147,11 @@ def test_arithmetic_is_graded_by_the_last_number():
 def test_arithmetic_from_a_local_file(tmp_path):
     training_format = tmp_path / "arith.jsonl"
     training_format.write_text(
-        json.dumps({"prompt": "What is 2 + 3?", "solution": "5"}) + "\n"
-        + json.dumps({"prompt": [{"role": "user", "content": "7 - 9 ="}], "solution": -2, "level": 1}) + "\n"
-    )  # fmt: skip
+        json.dumps({"prompt": "What is 2 + 3?", "solution": "5"})
+        + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "7 - 9 ="}], "solution": -2, "level": 1})
+        + "\n"
+    )
     first, second = load_arithmetic(str(training_format))
     assert content(first) == f"{ARITHMETIC_TASK_PROMPT}\n\nWhat is 2 + 3?" and first.answer == "5"
     assert content(second) == "7 - 9 =" and second.answer == "-2"  # conversational prompts are used as they are
@@ -422,8 +426,15 @@ def test_multiple_choice_prompt_layout():
 
 def test_registry():
     assert set(BENCHMARKS) == {
-        "math500", "aime24", "aime25", "gpqa_diamond", "mmlu_pro", "gsm8k", "arithmetic", "creative_writing",
-    }  # fmt: skip
+        "math500",
+        "aime24",
+        "aime25",
+        "gpqa_diamond",
+        "mmlu_pro",
+        "gsm8k",
+        "arithmetic",
+        "creative_writing",
+    }
     assert load_benchmark("math500", source=MATH500, limit=3) == load_math500(MATH500, limit=3)
     assert load_benchmark("gsm8k", GSM8K_SLICE, 2) == load_gsm8k(GSM8K_SLICE, limit=2)
     with pytest.raises(ValueError, match="Unknown benchmark 'math-500'.*aime24.*math500"):

@@ -68,8 +68,13 @@ def test_ctrl_c_during_a_reply_drops_that_turn_and_keeps_the_session():
 def test_ctrl_c_in_a_real_terminal_exits_without_a_traceback(tiny_model_path):
     pexpect = pytest.importorskip("pexpect")
     exe = os.path.join(os.path.dirname(sys.executable), "policy-split-chat")
-    child = pexpect.spawn(exe, ["--model", tiny_model_path, "--max_new_tokens", "3"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, encoding="utf-8", timeout=120)  # fmt: skip
+    child = pexpect.spawn(
+        exe,
+        ["--model", tiny_model_path, "--max_new_tokens", "3"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        encoding="utf-8",
+        timeout=120,
+    )
     try:
         child.expect_exact("[normal]> ")
         child.sendline("/nope")

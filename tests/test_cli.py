@@ -29,11 +29,30 @@ def embedded_cache(tmp_path_factory, monkeypatch):
 
 def tiny_overrides(tiny_model_path, output_dir, *extra):
     return [
-        "--model_name_or_path", tiny_model_path, "--output_dir", str(output_dir), "--max_steps", "2",
-        "--max_completion_length", "8", "--num_generations", "4", "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8", "--num_generations_eval", "2", "--max_eval_samples", "4",
-        "--use_cpu", "true", "--report_to", "none", *extra,
-    ]  # fmt: skip
+        "--model_name_or_path",
+        tiny_model_path,
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "2",
+        "--max_completion_length",
+        "8",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--num_generations_eval",
+        "2",
+        "--max_eval_samples",
+        "4",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 def test_recipes_exist():
@@ -50,9 +69,13 @@ def test_recipes_exist():
     assert {f"baselines/qwen3_1.7b_{m}.yaml" for m in METHODS if m not in ("grpo", "policy_split")} <= names
     accelerate = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "recipes", "accelerate", "*.yaml"))}
     assert accelerate == {
-        "single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp2.yaml",
+        "single_gpu.yaml",
+        "multi_gpu.yaml",
+        "deepspeed_zero2.yaml",
+        "deepspeed_zero3.yaml",
+        "fsdp2.yaml",
         "multi_node.yaml",
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
@@ -76,10 +99,13 @@ def test_every_recipe_dry_runs_offline(recipe, capsys, recwarn):
             2 if dual and method != "policy_split_no_sharing" else 1
         )
         if not dual and method != "grpo":  # the method's own settings are shown, at the paper's values
-            expected = {"forking_tokens": {"top_entropy_quantile": 0.2}, "entropy_regularization": {"entropy_coef": 0.003},
-                        "entropy_advantage": {"entropy_advantage_alpha": 0.4, "entropy_advantage_kappa": 2.0},
-                        "clip_cov": {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0},
-                        "entropy_driven_advantage": {"edge_epsilon": 1e-6, "edge_max_scale": None}}[method]  # fmt: skip
+            expected = {
+                "forking_tokens": {"top_entropy_quantile": 0.2},
+                "entropy_regularization": {"entropy_coef": 0.003},
+                "entropy_advantage": {"entropy_advantage_alpha": 0.4, "entropy_advantage_kappa": 2.0},
+                "clip_cov": {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0},
+                "entropy_driven_advantage": {"edge_epsilon": 1e-6, "edge_max_scale": None},
+            }[method]
             assert summary["method_settings"] == expected
     if "/paper/" in recipe or "/baselines/" in recipe:
         # 8 GPUs x per-device batch x accumulation = 256 queries x 8 rollouts (the comment in each recipe)
@@ -99,14 +125,31 @@ def test_every_recipe_dry_runs_offline(recipe, capsys, recwarn):
 
 
 def test_dry_run_reads_the_model_without_weights(tiny_model_path, tmp_path, capsys):
-    summary = run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run",
-                   *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
+    summary = run(
+        [
+            "--config",
+            os.path.join(ROOT, "recipes", "quickstart.yaml"),
+            "--dry_run",
+            *tiny_overrides(tiny_model_path, tmp_path),
+        ]
+    )
     assert summary["model_type"] == "qwen3"
     assert summary["parameters"] == summary["trainable_parameters"] > 0
     assert summary["train_samples"] == 1000
     assert summary["optimizer_steps"] == 2
-    lora = run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run", "--use_peft", "true",
-                "--lora_target_modules", "q_proj", "v_proj", *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
+    lora = run(
+        [
+            "--config",
+            os.path.join(ROOT, "recipes", "quickstart.yaml"),
+            "--dry_run",
+            "--use_peft",
+            "true",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            *tiny_overrides(tiny_model_path, tmp_path),
+        ]
+    )
     assert 0 < lora["trainable_parameters"] < lora["parameters"]
     assert not os.path.exists(tmp_path / "checkpoint-2")
 
@@ -114,18 +157,39 @@ def test_dry_run_reads_the_model_without_weights(tiny_model_path, tmp_path, caps
 def test_dry_run_fails_loudly_on_a_missing_local_file(tiny_model_path, tmp_path):
     missing = str(tmp_path / "no_such_file.jsonl")
     with pytest.raises(Exception, match="no_such_file"):
-        run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--dry_run", "--dataset_name", missing,
-             *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
+        run(
+            [
+                "--config",
+                os.path.join(ROOT, "recipes", "quickstart.yaml"),
+                "--dry_run",
+                "--dataset_name",
+                missing,
+                *tiny_overrides(tiny_model_path, tmp_path),
+            ]
+        )
 
 
 def test_cli_trains_from_a_recipe_with_overrides(tiny_model_path, tmp_path, capsys):
     prompt_file = tmp_path / "mode.txt"
     prompt_file.write_text("Explore unusual approaches.\n")
-    trainer = run([
-        "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"),
-        *tiny_overrides(tiny_model_path, tmp_path / "out", "--save_strategy", "steps", "--save_steps", "2",
-                        "--mode_prompt_file", str(prompt_file), "--eta", "0.05"),
-    ])  # fmt: skip
+    trainer = run(
+        [
+            "--config",
+            os.path.join(ROOT, "recipes", "quickstart.yaml"),
+            *tiny_overrides(
+                tiny_model_path,
+                tmp_path / "out",
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                "2",
+                "--mode_prompt_file",
+                str(prompt_file),
+                "--eta",
+                "0.05",
+            ),
+        ]
+    )
     assert trainer.state.global_step == 2
     assert trainer.args.eta == 0.05 and trainer.args.high_entropy_system_prompt == "Explore unusual approaches."
     assert (tmp_path / "out" / "checkpoint-2" / "model.safetensors").exists()
@@ -142,8 +206,17 @@ def test_cli_trains_from_a_recipe_with_overrides(tiny_model_path, tmp_path, caps
 
 
 def test_cli_grpo_baseline(tiny_model_path, tmp_path):
-    trainer = run(["--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--method", "grpo",
-                   "--mode_report", "false", *tiny_overrides(tiny_model_path, tmp_path)])  # fmt: skip
+    trainer = run(
+        [
+            "--config",
+            os.path.join(ROOT, "recipes", "quickstart.yaml"),
+            "--method",
+            "grpo",
+            "--mode_report",
+            "false",
+            *tiny_overrides(tiny_model_path, tmp_path),
+        ]
+    )
     assert type(trainer).__name__ == "GRPOTrainer"
     assert trainer.state.global_step == 2
     assert not any(k.startswith("policy_split/") for h in trainer.state.log_history for k in h)
@@ -160,8 +233,14 @@ def test_console_script_is_installed():
 def test_module_dry_run_in_a_fresh_process():
     recipe = os.path.join(ROOT, "recipes", "paper", "qwen3_8b_policy_split.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "policy_split_trl.scripts.train", "--config", recipe, "--dry_run"],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "policy_split_trl.scripts.train", "--config", recipe, "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "remote, not loaded" in proc.stdout and "Qwen/Qwen3-8B" in proc.stdout
 
@@ -171,12 +250,33 @@ def test_accelerate_launch_two_processes(tiny_model_path, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [
-        os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(ROOT, "recipes", "accelerate",
-        "multi_gpu.yaml"), "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
-        "-m", "policy_split_trl.scripts.train", "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"),
-        "--mode_report", "false", *tiny_overrides(tiny_model_path, tmp_path / "out", "--save_strategy", "steps",
-                                                  "--save_steps", "2", "--per_device_train_batch_size", "2"),
-    ]  # fmt: skip
+        os.path.join(BIN, "accelerate"),
+        "launch",
+        "--config_file",
+        os.path.join(ROOT, "recipes", "accelerate", "multi_gpu.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "policy_split_trl.scripts.train",
+        "--config",
+        os.path.join(ROOT, "recipes", "quickstart.yaml"),
+        "--mode_report",
+        "false",
+        *tiny_overrides(
+            tiny_model_path,
+            tmp_path / "out",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+        ),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -186,9 +286,16 @@ def test_accelerate_launch_two_processes(tiny_model_path, tmp_path):
 
 def test_console_script_exits_zero_after_training(tiny_model_path, tmp_path):
     exe = os.path.join(BIN, "policy-split-train")
-    cmd = [exe, "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--mode_report", "false",
-           *tiny_overrides(tiny_model_path, tmp_path / "out", "--max_steps", "1")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          check=False)  # fmt: skip
+    cmd = [
+        exe,
+        "--config",
+        os.path.join(ROOT, "recipes", "quickstart.yaml"),
+        "--mode_report",
+        "false",
+        *tiny_overrides(tiny_model_path, tmp_path / "out", "--max_steps", "1"),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Model saved to" in proc.stdout

@@ -220,9 +220,16 @@ BAD_PROMPTS = {
     "none_text": (None, "is None", "text"),
     "none_conversation": (None, "is None", "conversation"),
     "no_messages": ([], "is an empty list of messages", "conversation"),
-    "empty_messages": ([{"role": "system", "content": ""}, {"role": "user", "content": " "}], "has only empty messages",
-                       "conversation"),
-    "none_content": (conversation(content=None), r"has message 1 \(user\) whose content None is not a string", "conversation"),
+    "empty_messages": (
+        [{"role": "system", "content": ""}, {"role": "user", "content": " "}],
+        "has only empty messages",
+        "conversation",
+    ),
+    "none_content": (
+        conversation(content=None),
+        r"has message 1 \(user\) whose content None is not a string",
+        "conversation",
+    ),
     "no_role": (conversation(role=None), "has message 1 without a role", "conversation"),
     "empty_role": (conversation(role=""), "has message 1 without a role", "conversation"),
 }
@@ -267,8 +274,11 @@ def test_prompts_of_other_layouts_are_checked_row_by_row(rows, message):
 
 def test_missing_prompt_column_lists_the_columns_and_the_mapping():
     dataset = Dataset.from_list([{"question": "q", "final_answer": "1"}])
-    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column; columns found: \['question', "
-                       r"'final_answer'\]\. .*rename_column\('question', 'prompt'\).*--prompt_column question"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"train_dataset has no 'prompt' column; columns found: \['question', "
+        r"'final_answer'\]\. .*rename_column\('question', 'prompt'\).*--prompt_column question",
+    ):
         validate_prompt_dataset(dataset)
 
 

@@ -21,6 +21,7 @@ from trl import GRPOTrainer
 
 import policy_split_trl.trainer as trainer_module
 from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer, diagnostics
+from policy_split_trl.contexts import HE_KEY_PREFIX, expand_contexts
 from policy_split_trl.diagnostics import (
     DIAGNOSTICS_PREFIX,
     check_mode_diagnostics,
@@ -31,7 +32,6 @@ from policy_split_trl.diagnostics import (
     plot_mode_diagnostics,
     prompt_hidden_cosines,
 )
-from policy_split_trl.trainer import HE_KEY_PREFIX, expand_contexts
 
 HERE = os.path.dirname(__file__)
 G = 4
@@ -72,10 +72,22 @@ def test_parameter_groups_on_the_tiny_model_full_and_lora(tokenizer):
     assert groups["model.layers.1.input_layernorm.weight"] == ("layers_1-1", "module/input_layernorm")
     assert groups["model.norm.weight"] == ("final_norm",)
     assert {g for member in groups.values() for g in member} == {
-        "embed", "final_norm", "layers_0-0", "layers_1-1", "module/q_proj", "module/k_proj", "module/v_proj",
-        "module/o_proj", "module/q_norm", "module/k_norm", "module/gate_proj", "module/up_proj", "module/down_proj",
-        "module/input_layernorm", "module/post_attention_layernorm",
-    }  # fmt: skip
+        "embed",
+        "final_norm",
+        "layers_0-0",
+        "layers_1-1",
+        "module/q_proj",
+        "module/k_proj",
+        "module/v_proj",
+        "module/o_proj",
+        "module/q_norm",
+        "module/k_norm",
+        "module/gate_proj",
+        "module/up_proj",
+        "module/down_proj",
+        "module/input_layernorm",
+        "module/post_attention_layernorm",
+    }
 
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -455,9 +467,13 @@ def test_training_is_bitwise_unchanged(tmp_path, tokenizer, monkeypatch, variant
     groups = {k.split("grad_cosine/", 1)[1] for h in logs_on for k in h if "grad_cosine/" in k}
     if variant == "lora":
         assert groups == {
-            "layers_0-0", "layers_1-1", "module/q_proj.lora_A", "module/q_proj.lora_B", "module/v_proj.lora_A",
+            "layers_0-0",
+            "layers_1-1",
+            "module/q_proj.lora_A",
+            "module/q_proj.lora_B",
+            "module/v_proj.lora_A",
             "module/v_proj.lora_B",
-        }  # fmt: skip
+        }
         # lora_B starts at 0, so lora_A gets no gradient at step 1 (no angle: None in the logs), and does at step 2.
         assert step_logs[0][DIAGNOSTICS_PREFIX + "grad_cosine/module/q_proj.lora_A"] is None
         assert -1 <= step_logs[1][DIAGNOSTICS_PREFIX + "grad_cosine/module/q_proj.lora_A"] <= 1
@@ -500,10 +516,11 @@ def test_extra_passes_leave_the_trainer_and_its_callbacks_as_they_were(tmp_path,
     trainer.train()
     (before, metrics_before), (inside, metrics_inside) = seen["before"], seen["inside"]
     after, metrics_after = seen["after"]
-    # Inside the measurement the loss passes did log metrics, keep the normal context's log-probs for the HE pass and
-    # (adaptive eta) feed the controller: there is something to put back.
+    # Inside the measurement the loss passes did log metrics and (adaptive eta) feed the controller: there is something
+    # to put back. The normal context's log-probs that the HE pass needs live in the `LossStep` the measurement opens
+    # and closes around its passes: none is left bound after them.
     assert len(metrics_inside["train"].get("entropy", [])) > len(metrics_before["train"].get("entropy", []))
-    assert inside[0]["_deferred_normal"] is not None and before[0]["_deferred_normal"] is None
+    assert inside[0].get("_loss_step") is None and before[0].get("_loss_step") is None
     if overrides:
         controller = next(i for i, obj in enumerate(objects) if type(obj).__name__ == "EtaControllerCallback")
         assert inside[controller]["kl_count"] > before[controller]["kl_count"]
@@ -557,10 +574,24 @@ def run_layout(out_dir, processes: int) -> list[dict]:
     if processes == 1:
         cmd = [sys.executable, script, str(out_dir)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(free_port()), script, str(out_dir)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TQDM_DISABLE": "1"}  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            script,
+            str(out_dir),
+        ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TQDM_DISABLE": "1",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if "arn" not in line]  # drop (W|w)arnings

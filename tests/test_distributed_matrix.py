@@ -45,8 +45,13 @@ def run_layout(cells: list[dict], out_dir, processes: int) -> list[dict]:
     else:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
         cmd = [*torchrun, "--master_port", str(free_port()), script, str(cells_path), str(out_dir)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TQDM_DISABLE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TQDM_DISABLE": "1",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, env=env, check=False)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if "arn" not in line]  # drop (W|w)arnings
@@ -93,7 +98,9 @@ def check_matrix(cells: list[dict], tmp_path) -> dict:
     # Same math: the optimized step ends where the straightforward one does.
     by_settings: dict[str, list] = {}
     for entry in two:
-        by_settings.setdefault(settings_key(entry["cell"], ("optimized_step", "bonus_from_loss_pass")), []).append(entry)
+        by_settings.setdefault(settings_key(entry["cell"], ("optimized_step", "bonus_from_loss_pass")), []).append(
+            entry
+        )
     for group in by_settings.values():
         reference = group[0]["weights"]["final"]
         update = (reference - group[0]["weights"]["initial"]).abs().max().item()
@@ -118,4 +125,6 @@ def test_covering_subset_on_two_processes(tmp_path):
 def test_full_matrix_on_two_processes(tmp_path):
     report = check_matrix(full_matrix(), tmp_path)
     worst = max(report.values(), key=lambda r: r["diff"] / r["update"])
-    print(f"\n{len(report)} cells; worst 2-vs-1-process weight difference / update: {worst['diff'] / worst['update']:.3g}")
+    print(
+        f"\n{len(report)} cells; worst 2-vs-1-process weight difference / update: {worst['diff'] / worst['update']:.3g}"
+    )

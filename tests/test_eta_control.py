@@ -32,10 +32,17 @@ def rule(eta, kl, he=None, normal=None, **kwargs):
 
 def rule_from_args(eta, kl, he, normal, args):
     return adaptive_eta_update(
-        eta, kl, he, normal, target=args.target_kl_high_entropy_normal, tolerance=args.eta_target_tolerance,
-        factor=args.eta_update_factor, eta_min=args.eta_min, eta_max=args.eta_max,
+        eta,
+        kl,
+        he,
+        normal,
+        target=args.target_kl_high_entropy_normal,
+        tolerance=args.eta_target_tolerance,
+        factor=args.eta_update_factor,
+        eta_min=args.eta_min,
+        eta_max=args.eta_max,
         max_entropy_ratio=args.max_entropy_ratio,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- 1. the rule
@@ -115,9 +122,22 @@ def test_valid_configs():
     cfg = make_config(**ADAPTIVE, max_entropy_ratio=None, eta_min=0.0)
     assert (cfg.eta, cfg.eta_min, cfg.eta_max, cfg.max_entropy_ratio) == (0.03, 0.0, 0.1, None)
     parser = HfArgumentParser(PolicySplitGRPOConfig)
-    flags = ["--output_dir", "/tmp/x", "--use_cpu", "true", "--report_to", "none", "--eta_schedule", "adaptive",
-             "--target_kl_high_entropy_normal", "0.3", "--eta_update_factor", "1.2",
-             "--max_entropy_ratio", "2"]  # fmt: skip
+    flags = [
+        "--output_dir",
+        "/tmp/x",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--eta_schedule",
+        "adaptive",
+        "--target_kl_high_entropy_normal",
+        "0.3",
+        "--eta_update_factor",
+        "1.2",
+        "--max_entropy_ratio",
+        "2",
+    ]
     (cfg,) = parser.parse_args_into_dataclasses(flags)
     assert (cfg.eta_schedule, cfg.target_kl_high_entropy_normal, cfg.eta_update_factor) == ("adaptive", 0.3, 1.2)
     assert cfg.max_entropy_ratio == 2.0
@@ -129,8 +149,13 @@ def test_trainer_checks_a_config_changed_after_it_was_built(tmp_path, tokenizer)
     args = make_config(**ADAPTIVE, output_dir=str(tmp_path))
     args.eta = 0.0  # what `apply_method("grpo_rollout_sharing", ...)` does to a built config
     with pytest.raises(ValueError, match="needs eta > 0"):
-        PolicySplitGRPOTrainer(model=build_model(tokenizer), reward_funcs=[length_reward], args=args,
-                               train_dataset=arithmetic_dataset(4), processing_class=tokenizer)  # fmt: skip
+        PolicySplitGRPOTrainer(
+            model=build_model(tokenizer),
+            reward_funcs=[length_reward],
+            args=args,
+            train_dataset=arithmetic_dataset(4),
+            processing_class=tokenizer,
+        )
 
 
 def test_policy_split_json_records_the_schedule():
@@ -142,9 +167,19 @@ def test_policy_split_json_records_the_schedule():
 
 # ---------------------------------------------------------------------------------------------------- the controller
 def controller_args(**kwargs):
-    return SimpleNamespace(**{"eta": 0.03, "eta_schedule": "adaptive", "target_kl_high_entropy_normal": 0.5,
-                              "eta_target_tolerance": 0.25, "eta_update_factor": 2.0, "eta_min": 0.001,
-                              "eta_max": 0.1, "max_entropy_ratio": 1.5, **kwargs})  # fmt: skip
+    return SimpleNamespace(
+        **{
+            "eta": 0.03,
+            "eta_schedule": "adaptive",
+            "target_kl_high_entropy_normal": 0.5,
+            "eta_target_tolerance": 0.25,
+            "eta_update_factor": 2.0,
+            "eta_min": 0.001,
+            "eta_max": 0.1,
+            "max_entropy_ratio": 1.5,
+            **kwargs,
+        }
+    )
 
 
 def test_controller_pools_micro_steps_and_updates_once_per_step():
@@ -230,8 +265,14 @@ def test_closed_loop_entropy_ceiling_wins_over_the_kl_target():
 
 # ---------------------------------------------------------------------------------------------------- real runs
 def adaptive_settings(output_dir, **overrides):
-    adaptive = {"max_steps": 4, "max_completion_length": 8, "eta": 0.03, "eta_schedule": "adaptive",
-                "target_kl_high_entropy_normal": 0.004, "eta_update_factor": 1.5}  # fmt: skip
+    adaptive = {
+        "max_steps": 4,
+        "max_completion_length": 8,
+        "eta": 0.03,
+        "eta_schedule": "adaptive",
+        "target_kl_high_entropy_normal": 0.004,
+        "eta_update_factor": 1.5,
+    }
     return training_args(output_dir, **{**adaptive, **overrides})
 
 
@@ -298,9 +339,13 @@ def test_resume_continues_the_controller_exactly(tmp_path, tokenizer, uninterrup
     assert saved["eta"] == logs[3]["policy_split/eta"]  # the eta that step 3 used
     assert saved["eta"] != 0.03  # not vacuous: a resume that started over from eta would differ
 
-    settings = adaptive_settings(tmp_path / "resumed", target_kl_high_entropy_normal=0.001, save_strategy="steps",
-                                 save_steps=2,
-                                 restore_callback_states_from_checkpoint=restore_callback_states)  # fmt: skip
+    settings = adaptive_settings(
+        tmp_path / "resumed",
+        target_kl_high_entropy_normal=0.001,
+        save_strategy="steps",
+        save_steps=2,
+        restore_callback_states_from_checkpoint=restore_callback_states,
+    )
     resumed = train(tokenizer, settings, resume=str(checkpoint))
     resumed_logs = step_logs(resumed)
     assert sorted(resumed_logs) == [1, 2, 3, 4]  # steps 1-2 come with the checkpoint's log history
@@ -313,8 +358,9 @@ def test_resume_continues_the_controller_exactly(tmp_path, tokenizer, uninterrup
 
 
 def test_save_only_model_checkpoints_keep_the_controller(tmp_path, tokenizer):
-    settings = adaptive_settings(tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1,
-                                 save_only_model=True)  # fmt: skip
+    settings = adaptive_settings(
+        tmp_path / "out", max_steps=2, save_strategy="steps", save_steps=1, save_only_model=True
+    )
     logs = step_logs(train(tokenizer, settings))
     with open(tmp_path / "out" / "checkpoint-1" / "trainer_state.json") as f:
         saved = json.load(f)["stateful_callbacks"]["EtaControllerCallback"]["attributes"]
@@ -330,8 +376,15 @@ def test_constant_schedule_is_unchanged(tmp_path, tokenizer):
     settings = training_args(tmp_path / "a", max_steps=3, max_completion_length=8, eta=0.03)
     plain = train(tokenizer, settings)
     # Adaptive fields set but unused, and the controller removed: the same run, bit for bit.
-    odd = {**settings, "output_dir": str(tmp_path / "b"), "target_kl_high_entropy_normal": 1e-6,
-           "eta_update_factor": 3.0, "eta_min": 0.5, "eta_max": 0.9, "max_entropy_ratio": 1.0001}  # fmt: skip
+    odd = {
+        **settings,
+        "output_dir": str(tmp_path / "b"),
+        "target_kl_high_entropy_normal": 1e-6,
+        "eta_update_factor": 3.0,
+        "eta_min": 0.5,
+        "eta_max": 0.9,
+        "max_entropy_ratio": 1.0001,
+    }
     bare = train(tokenizer, odd, trainer_hook=lambda t: t.remove_callback(EtaControllerCallback))
     logs = step_logs(plain)
     assert [logs[step]["policy_split/eta"] for step in (1, 2, 3)] == [0.03] * 3
@@ -359,9 +412,23 @@ def free_port() -> int:
 def test_two_processes_hold_the_same_eta(tmp_path):
     result = tmp_path / "result.json"
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [accelerate if os.path.exists(accelerate) else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), os.path.join(HERE, "eta_control_run.py"), str(result)]  # fmt: skip
+    cmd = [
+        accelerate if os.path.exists(accelerate) else "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        os.path.join(HERE, "eta_control_run.py"),
+        str(result),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     if proc.returncode != 0:

@@ -36,8 +36,9 @@ def test_kl_estimator_equals_exact_kl_on_a_toy_case():
     exact = (p * (p / q).log()).sum()  # = 0.5 ln 2 - 0.25 ln 2 = 0.25 ln 2
     samples = torch.tensor([[0, 0, 1, 2]])
     logits_p, logits_q = p.log().expand(1, 4, 3), q.log().expand(1, 4, 3)
-    total, count = forward_kl_estimate(token_logprobs(logits_p, samples), token_logprobs(logits_q, samples),
-                                       torch.ones(1, 4))  # fmt: skip
+    total, count = forward_kl_estimate(
+        token_logprobs(logits_p, samples), token_logprobs(logits_q, samples), torch.ones(1, 4)
+    )
     assert (total / count).item() == pytest.approx(exact.item(), abs=1e-6)
     assert exact.item() == pytest.approx(0.25 * math.log(2))
 
@@ -56,11 +57,35 @@ def test_avg_and_pass_at_k_on_fixed_matrices():
 
 def eval_args(tiny_model_path, out, *extra):
     return [
-        "--model", tiny_model_path, "--benchmarks", "math500", "creative_writing", "--source", f"math500={MATH500}",
-        "--limit", "5", "--limit_for", "creative_writing=2", "--k", "2", "--max_new_tokens", "8",
-        "--temperature", "1.0", "--top_p", "1.0", "--top_k", "0", "--batch_size", "4", "--backend", "transformers",
-        "--output_dir", str(out), *extra,
-    ]  # fmt: skip
+        "--model",
+        tiny_model_path,
+        "--benchmarks",
+        "math500",
+        "creative_writing",
+        "--source",
+        f"math500={MATH500}",
+        "--limit",
+        "5",
+        "--limit_for",
+        "creative_writing=2",
+        "--k",
+        "2",
+        "--max_new_tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--top_p",
+        "1.0",
+        "--top_k",
+        "0",
+        "--batch_size",
+        "4",
+        "--backend",
+        "transformers",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_cli_end_to_end_and_resume(tiny_model_path, tmp_path, monkeypatch):
@@ -120,10 +145,17 @@ def len_vocab(path):
 
 
 def test_entropy_raw_option_is_recorded(tiny_model_path, tmp_path):
-    results = run([
-        *eval_args(tiny_model_path, tmp_path / "raw", "--entropy_temperature", "raw", "--no_kl"),
-        "--temperature", "0.7", "--benchmarks", "math500", "--limit", "2",
-    ])  # fmt: skip
+    results = run(
+        [
+            *eval_args(tiny_model_path, tmp_path / "raw", "--entropy_temperature", "raw", "--no_kl"),
+            "--temperature",
+            "0.7",
+            "--benchmarks",
+            "math500",
+            "--limit",
+            "2",
+        ]
+    )
     assert results["entropy"]["temperature"] == 1.0 and results["entropy"]["distribution"].startswith("raw")
     assert "kl_mode_normal" not in results["per_benchmark"]["math500"]["high_entropy"]
 
@@ -131,13 +163,38 @@ def test_entropy_raw_option_is_recorded(tiny_model_path, tmp_path):
 def test_dual_mode_eval_callback_logs_during_training(tiny_model_path, tmp_path):
     from policy_split_trl.scripts.train import run as train
 
-    trainer = train([
-        "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--model_name_or_path", tiny_model_path,
-        "--output_dir", str(tmp_path / "out"), "--max_steps", "4", "--max_completion_length", "8",
-        "--num_generations", "4", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-        "--max_eval_samples", "3", "--mode_report", "false", "--use_cpu", "true", "--report_to", "none",
-        "--dual_mode_eval_steps", "2", "--dual_mode_eval_k", "2",
-    ])  # fmt: skip
+    trainer = train(
+        [
+            "--config",
+            os.path.join(ROOT, "recipes", "quickstart.yaml"),
+            "--model_name_or_path",
+            tiny_model_path,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "4",
+            "--max_completion_length",
+            "8",
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--per_device_eval_batch_size",
+            "8",
+            "--max_eval_samples",
+            "3",
+            "--mode_report",
+            "false",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+            "--dual_mode_eval_steps",
+            "2",
+            "--dual_mode_eval_k",
+            "2",
+        ]
+    )
     logged = [h for h in trainer.state.log_history if "dual_mode_eval/normal/accuracy" in h]
     assert [h["step"] for h in logged] == [2, 4]
     for h in logged:
@@ -159,10 +216,17 @@ def test_cli_creative_writing_with_judge_never_writes_the_key(tiny_model_path, t
         for _ in range(7):
             server.reply(paper_reply(7, 6, 8, 5, 9))
         out = tmp_path / "judged"
-        results = run([
-            *eval_args(tiny_model_path, out), "--benchmarks", "creative_writing", "--judge_base_url", server.base_url,
-            "--judge_model", MODEL,
-        ])  # fmt: skip
+        results = run(
+            [
+                *eval_args(tiny_model_path, out),
+                "--benchmarks",
+                "creative_writing",
+                "--judge_base_url",
+                server.base_url,
+                "--judge_model",
+                MODEL,
+            ]
+        )
     finally:
         server.close()
     judged = results["judge"]
@@ -182,8 +246,15 @@ def judged_cli(tiny_model_path, out, server, monkeypatch):
 
     from policy_split_trl.scripts.evaluate import cli
 
-    argv = [*eval_args(tiny_model_path, out), "--benchmarks", "creative_writing", "--judge_base_url",
-            server.base_url, "--judge_model", MODEL]  # fmt: skip
+    argv = [
+        *eval_args(tiny_model_path, out),
+        "--benchmarks",
+        "creative_writing",
+        "--judge_base_url",
+        server.base_url,
+        "--judge_model",
+        MODEL,
+    ]
     monkeypatch.setattr("sys.argv", ["policy-split-eval", *argv])
     cli()
 
@@ -192,21 +263,30 @@ def judged_cli(tiny_model_path, out, server, monkeypatch):
     "replies, persistent, requests, failed, message",
     [
         ([], ({"error": "bad key"}, 401), 1, 1, r"scored none of the 8 stories .*: HTTP 401 \(the API key is missing"),
-        ([], ({"error": "overloaded"}, 500), 3 * 3, 3,  # 3 stories x (1 call + 2 retries), then no more
-         r"scored none of the 8 stories .*: 3 stories in a row failed the same way \(HTTP 500\)"),
+        (
+            [],
+            ({"error": "overloaded"}, 500),
+            3 * 3,
+            3,  # 3 stories x (1 call + 2 retries), then no more
+            r"scored none of the 8 stories .*: 3 stories in a row failed the same way \(HTTP 500\)",
+        ),
         ([], ("Nice story!", 200), 3, 3, r"scored none of the 8 stories .*3 stories in a row .*\(unparseable reply\)"),
-        ([None, None], ({"error": "revoked"}, 403), 3, 1, r"the judge was stopped after scoring 2 of 8 stories: HTTP 403"),
+        (
+            [None, None],
+            ({"error": "revoked"}, 403),
+            3,
+            1,
+            r"the judge was stopped after scoring 2 of 8 stories: HTTP 403",
+        ),
     ],
     ids=["auth", "server_error", "unparseable", "stopped_midway"],
-)  # fmt: skip
+)
 def test_a_failing_judge_stops_early_and_the_cli_exits_non_zero(
     tiny_model_path, tmp_path, monkeypatch, replies, persistent, requests, failed, message
 ):
     from test_judge import FakeOpenAIServer, paper_reply
 
-    from policy_split_trl.eval import judge as judge_module
-
-    monkeypatch.setattr(judge_module.time, "sleep", lambda seconds: None)  # the retries' backoff
+    monkeypatch.setattr("time.sleep", lambda seconds: None)  # the judge client's backoff between retries
     server = FakeOpenAIServer()
     try:
         for _ in replies:
@@ -251,8 +331,13 @@ def test_vllm_backend_maps_sampling_and_scores_with_transformers(tiny_model_path
     call = llm.calls[-1]
     params = call.sampling_params
     assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens, params.seed) == (
-        3, 0.6, 0.95, -1, 16, 7,
-    )  # fmt: skip
+        3,
+        0.6,
+        0.95,
+        -1,
+        16,
+        7,
+    )
     # vLLM gets the same chat-template token ids the transformers backend would use
     assert call.prompts[0]["prompt_token_ids"] == backend.scorer.prompt_ids(prompts[0])
     assert call.lora_request is None and call.kwargs["use_tqdm"] is False
@@ -331,10 +416,18 @@ def tiny_llama(tokenizer):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
@@ -369,10 +462,13 @@ def test_scoring_keeps_only_the_last_hidden_state_and_matches_a_full_forward(tok
     backend = TransformersBackend(model, tokenizer, batch_size=4, score_chunk=2)
     prompts = [
         [{"role": "user", "content": "1 + 1 ="}],
-        [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "what is the sum of 12 and 7"}],
+        [
+            {"role": "system", "content": "Think step by step."},
+            {"role": "user", "content": "what is the sum of 12 and 7"},
+        ],
         [{"role": "user", "content": "2 + 2 ="}],
         [{"role": "user", "content": "the answer"}],
-    ]  # fmt: skip
+    ]
     generator = torch.Generator().manual_seed(0)
     completions = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist() for n in (5, 3, 0, 7)]
 

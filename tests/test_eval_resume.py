@@ -24,11 +24,33 @@ METRIC_KEYS = ("per_benchmark", "table1", "comparisons", "creative")
 
 def eval_args(model_path, out, *extra):
     return [
-        "--model", model_path, "--benchmarks", "arithmetic", "creative_writing", "--limit", str(PROBLEMS),
-        "--limit_for", f"creative_writing={STORIES}", "--k", str(K), "--max_new_tokens", "6", "--temperature", "1.0",
-        "--top_p", "1.0", "--top_k", "0", "--batch_size", "4", "--backend", "transformers", "--output_dir", str(out),
+        "--model",
+        model_path,
+        "--benchmarks",
+        "arithmetic",
+        "creative_writing",
+        "--limit",
+        str(PROBLEMS),
+        "--limit_for",
+        f"creative_writing={STORIES}",
+        "--k",
+        str(K),
+        "--max_new_tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--top_p",
+        "1.0",
+        "--top_k",
+        "0",
+        "--batch_size",
+        "4",
+        "--backend",
+        "transformers",
+        "--output_dir",
+        str(out),
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +82,15 @@ def cut_offsets(data: bytes) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     "where",
-    ["empty", "inside_first_record", "middle", "exactly_at_a_newline", "one_byte_into_a_record",
-     "one_byte_before_the_end"],
-)  # fmt: skip
+    [
+        "empty",
+        "inside_first_record",
+        "middle",
+        "exactly_at_a_newline",
+        "one_byte_into_a_record",
+        "one_byte_before_the_end",
+    ],
+)
 def test_resume_after_a_cut_equals_an_uninterrupted_run(uninterrupted, tiny_model_path, tmp_path, where):
     data = uninterrupted["bytes"]
     offset = cut_offsets(data)[where]
@@ -98,16 +126,27 @@ def test_resume_after_a_cut_equals_an_uninterrupted_run(uninterrupted, tiny_mode
         (lambda lines: lines.__setitem__(3, b'{"benchmark": "arithm\n'), "is not valid JSON"),
         (lambda lines: lines.__setitem__(3, b"\n"), "is empty"),
         (lambda lines: lines.__setitem__(3, b"[1, 2]\n"), "is not a generation record"),
-        (lambda lines: lines.__setitem__(3, json.dumps({"benchmark": "arithmetic"}).encode() + b"\n"),
-         r"lacks \['problem_id', "),
-        (lambda lines: lines.__setitem__(3, lines[3].replace(b'"num_tokens": ', b'"num_tokens": -')),
-         "num_tokens must be"),
+        (
+            lambda lines: lines.__setitem__(3, json.dumps({"benchmark": "arithmetic"}).encode() + b"\n"),
+            r"lacks \['problem_id', ",
+        ),
+        (
+            lambda lines: lines.__setitem__(3, lines[3].replace(b'"num_tokens": ', b'"num_tokens": -')),
+            "num_tokens must be",
+        ),
         (lambda lines: lines.insert(4, lines[3]), "more than once"),
         (lambda lines: lines.__delitem__(2), r"has 1 of k=2 samples"),
     ],
-    ids=["torn_in_the_middle", "empty_line", "not_an_object", "missing_fields", "negative_length", "duplicate",
-         "missing_sample"],
-)  # fmt: skip
+    ids=[
+        "torn_in_the_middle",
+        "empty_line",
+        "not_an_object",
+        "missing_fields",
+        "negative_length",
+        "duplicate",
+        "missing_sample",
+    ],
+)
 def test_a_damaged_line_before_the_last_is_an_error_naming_file_and_line(
     uninterrupted, tiny_model_path, tmp_path, damage, message
 ):
@@ -145,8 +184,12 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(uninterrupted, t
     for attempt in range(3):  # the run may finish before the kill lands; then try again
         out = tmp_path / f"killed{attempt}"
         path = out / GENERATIONS_FILE
-        proc = subprocess.Popen([exe, *eval_args(tiny_model_path, out)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        proc = subprocess.Popen(
+            [exe, *eval_args(tiny_model_path, out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         try:
             deadline = time.monotonic() + 120
             while proc.poll() is None and time.monotonic() < deadline:

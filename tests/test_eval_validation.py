@@ -1,6 +1,7 @@
 """Bad input to the evaluation: every `EvalConfig` / `SamplingConfig` field, every CLI flag and every file it reads is
 refused early (before the model loads) with a message naming the field or file and the fix."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 from policy_split_trl.eval.backends import SamplingConfig
 from policy_split_trl.eval.checks import EvalConfigError
 from policy_split_trl.eval.harness import EvalConfig, evaluate_modes
+from policy_split_trl.eval.parser import EvalParser
 from policy_split_trl.scripts import evaluate as evaluate_script
 from policy_split_trl.scripts.evaluate import run
 
@@ -90,11 +92,16 @@ def files(tmp_path):
     with open(MATH500) as f:
         lines = f.readlines()[:3]
     paths = {
-        "good": tmp_path / "good.jsonl", "empty": tmp_path / "empty.jsonl", "blank": tmp_path / "blank.txt",
-        "truncated": tmp_path / "truncated.jsonl", "corrupt_middle": tmp_path / "corrupt_middle.jsonl",
-        "no_columns": tmp_path / "no_columns.csv", "folder": tmp_path / "folder.jsonl", "latin1": tmp_path / "l1.txt",
+        "good": tmp_path / "good.jsonl",
+        "empty": tmp_path / "empty.jsonl",
+        "blank": tmp_path / "blank.txt",
+        "truncated": tmp_path / "truncated.jsonl",
+        "corrupt_middle": tmp_path / "corrupt_middle.jsonl",
+        "no_columns": tmp_path / "no_columns.csv",
+        "folder": tmp_path / "folder.jsonl",
+        "latin1": tmp_path / "l1.txt",
         "prompt": tmp_path / "prompt.txt",
-    }  # fmt: skip
+    }
     paths["good"].write_text("".join(lines))
     paths["empty"].write_text("")
     paths["blank"].write_text("  \n\n")
@@ -108,8 +115,21 @@ def files(tmp_path):
 
 
 def cli_args(out, *extra):
-    return ["--model", NO_MODEL, "--benchmarks", "math500", "--limit", "2", "--k", "1", "--backend", "transformers",
-            "--output_dir", str(out), *extra]  # fmt: skip
+    return [
+        "--model",
+        NO_MODEL,
+        "--benchmarks",
+        "math500",
+        "--limit",
+        "2",
+        "--k",
+        "1",
+        "--backend",
+        "transformers",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -119,14 +139,23 @@ def cli_args(out, *extra):
         (["--source", "math500={missing}"], r"sources\['math500'\]: no such file '.*missing.jsonl' \(looked for "),
         (["--source", "math500={empty}"], r"sources\['math500'\]: .*empty.jsonl is empty"),
         (["--source", "math500={folder}"], r"sources\['math500'\]: .*folder.jsonl is a folder"),
-        (["--source", "math500={truncated}"], r"math500: cannot read its source file: .*truncated.jsonl as jsonl: line 3: "),
-        (["--source", "math500={corrupt_middle}"], r"corrupt_middle.jsonl as jsonl: line 2: .*each line must be one JSON object"),
+        (
+            ["--source", "math500={truncated}"],
+            r"math500: cannot read its source file: .*truncated.jsonl as jsonl: line 3: ",
+        ),
+        (
+            ["--source", "math500={corrupt_middle}"],
+            r"corrupt_middle.jsonl as jsonl: line 2: .*each line must be one JSON object",
+        ),
         (["--source", "math500={no_columns}"], r"math500: cannot read its source file: .*no_columns.csv.*columns"),
         (["--source", "math-500={good}"], r"sources names \['math-500'\]"),
         (["--source", "math500={good}", "--source", "math500={empty}"], r"--source gives 'math500' twice"),
         (["--source", "math500"], r"--source takes NAME=VALUE, got 'math500'"),
         # --mode_prompt_file: missing, empty, a folder, not UTF-8
-        (["--mode_prompt_file", "mine={missing}", "--modes", "mine"], r"mine=.*missing.jsonl: the file does not exist"),
+        (
+            ["--mode_prompt_file", "mine={missing}", "--modes", "mine"],
+            r"mine=.*missing.jsonl: the file does not exist",
+        ),
         (["--mode_prompt_file", "mine={blank}", "--modes", "mine"], r"mine=.*blank.txt: the file is empty"),
         (["--mode_prompt_file", "mine={folder}", "--modes", "mine"], r"mine=.*folder.jsonl: the file is a folder"),
         (["--mode_prompt_file", "mine={latin1}", "--modes", "mine"], r"mine=.*l1.txt: not UTF-8 text"),
@@ -162,8 +191,11 @@ def test_relative_paths_are_relative_to_the_working_directory(files, tmp_path, m
     monkeypatch.chdir(tmp_path)
     config = EvalConfig(model=NO_MODEL, output_dir="out", sources={"math500": "good.jsonl"})
     assert config.sources == {"math500": "good.jsonl"}
-    with pytest.raises(EvalConfigError, match=rf"looked for {tmp_path}/data/good.jsonl: a relative path is relative "
-                       rf"to the working directory, {tmp_path}\)"):  # fmt: skip
+    with pytest.raises(
+        EvalConfigError,
+        match=rf"looked for {tmp_path}/data/good.jsonl: a relative path is relative "
+        rf"to the working directory, {tmp_path}\)",
+    ):
         EvalConfig(model=NO_MODEL, output_dir="out", sources={"math500": "data/good.jsonl"})
     with pytest.raises(EvalConfigError, match=rf"looked for {tmp_path}/prompts/he.txt; a relative path"):
         run(cli_args("out", "--mode_prompt_file", "he=prompts/he.txt"))
@@ -192,5 +224,63 @@ def test_problem_ids_must_be_unique(tmp_path):
     source = tmp_path / "dup.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(EvalConfigError, match=r"arithmetic: problem ids \['a'\] repeat in .*dup.jsonl"):
-        evaluate_modes(EvalConfig(model=NO_MODEL, output_dir=str(tmp_path / "o"), benchmarks=["arithmetic"],
-                                  sources={"arithmetic": str(source)}))  # fmt: skip
+        evaluate_modes(
+            EvalConfig(
+                model=NO_MODEL,
+                output_dir=str(tmp_path / "o"),
+                benchmarks=["arithmetic"],
+                sources={"arithmetic": str(source)},
+            )
+        )
+
+
+def test_a_yaml_config_and_flags_give_the_same_config_as_python(files, tmp_path):
+    """`policy-split-eval --config eval.yaml` (TrlParser): the file's fields, `sampling` nested, flags override them
+    and add to its mappings; the result is the `EvalConfig` built in Python."""
+    path = tmp_path / "eval.yaml"
+    path.write_text(
+        f"model: {NO_MODEL}\noutput_dir: out\nbenchmarks: [math500, creative_writing]\n"
+        f"sources: {{math500: {files['good']}}}\nlimits: {{creative_writing: 2}}\nk: 2\n"
+        "sampling: {temperature: 1.0e-5, top_k: 0}\nchat_template_kwargs: {enable_thinking: true}\n"
+        "judge: {base_url: 'http://judge', model: a}\n"
+    )
+    config = EvalParser().parse(
+        ["--config", str(path), "--top_p", "0.5", "--limit_for", "math500=3", "--judge_model", "b", "--no_kl"]
+    )
+    assert config == EvalConfig(
+        model=NO_MODEL,
+        output_dir="out",
+        benchmarks=["math500", "creative_writing"],
+        sources={"math500": files["good"]},
+        limits={"creative_writing": 2, "math500": 3},
+        k=2,
+        sampling=SamplingConfig(1e-5, 0.5, 0, 32768),
+        chat_template_kwargs={"enable_thinking": True},
+        judge={"base_url": "http://judge", "model": "b"},
+        compute_kl=False,
+    )
+    assert EvalConfig.from_settings(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+    assert EvalParser().parse(["--config", str(path), "--sampling", "top_k=5"]).sampling.top_k == 5
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "model: m\noutput_dir: o\ntemprature: 0.6\n",
+            r"Unknown key\(s\) \['temprature'\] in .*eval.yaml; valid keys",
+        ),
+        ("model: m\noutput_dir: o\nsampling: {temp: 1}\n", r"eval.yaml: sampling names \['temp'\]"),
+        ("model: m\noutput_dir: o\nsampling: {top_k: 1}\ntop_k: 2\n", r"\['top_k'\] set both under sampling and as"),
+        ("- model\n", r"eval.yaml must contain a YAML mapping"),
+        ("model: [unclosed\n", r"eval.yaml is not valid YAML: (?s:.*)line 1"),
+        ("model: m\noutput_dir: o\nk: 0\n", r"k must be an integer >= 1, got 0"),
+    ],
+)
+def test_a_bad_yaml_config_names_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "eval.yaml"
+    path.write_text(text)
+    with pytest.raises(EvalConfigError, match=message):
+        EvalParser().parse(["--config", str(path)])
+    with pytest.raises(EvalConfigError, match=r"Cannot read the config file '.*missing.yaml'"):
+        EvalParser().parse(["--config", str(tmp_path / "missing.yaml")])

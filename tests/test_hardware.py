@@ -33,13 +33,25 @@ H100 = (81008 / 1024, (9, 0))
 L4 = (22.06, (8, 9))
 NOTEBOOK_LENGTHS = (512, 512)  # the notebook's MAX_PROMPT_LENGTH, MAX_COMPLETION_LENGTH
 QWEN3_0_6B = Qwen3Config(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-)  # fmt: skip
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+)
 QWEN3_1_7B = Qwen3Config(
-    vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-)  # fmt: skip
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+)
 
 
 def _kv_gib(tokens: int) -> float:

@@ -19,8 +19,15 @@ PROMPT = "You are in exploring mode. Try an unusual approach."
 
 
 def test_policy_split_json_in_checkpoints_and_final_model(tmp_path, tokenizer):
-    trainer = make_trainer(tmp_path, tokenizer, max_steps=2, save_strategy="steps", save_steps=1, eta=0.05,
-                           high_entropy_system_prompt=PROMPT)  # fmt: skip
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        eta=0.05,
+        high_entropy_system_prompt=PROMPT,
+    )
     trainer.train()
     trainer.save_model()
     out = tmp_path / "out"
@@ -48,11 +55,13 @@ def test_policy_split_json_in_checkpoints_and_final_model(tmp_path, tokenizer):
 def test_policy_split_json_with_lora(tmp_path, tokenizer):
     peft = pytest.importorskip("peft")
     trainer = PolicySplitGRPOTrainer(
-        model=build_model(tokenizer), reward_funcs=[length_reward],
-        args=config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1), train_dataset=arithmetic_dataset(8),
+        model=build_model(tokenizer),
+        reward_funcs=[length_reward],
+        args=config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1),
+        train_dataset=arithmetic_dataset(8),
         processing_class=tokenizer,
         peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"),
-    )  # fmt: skip
+    )
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-1"
     assert (checkpoint / "adapter_model.safetensors").exists()
@@ -61,10 +70,14 @@ def test_policy_split_json_with_lora(tmp_path, tokenizer):
 
 def test_model_card_has_modes_section(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1)
-    results = {"per_benchmark": {"gsm8k": {
-        "normal": {"avg_at_k": 0.5, "pass_at_k": 0.75, "entropy_bits": 0.61, "mean_length": 120.0},
-        "high_entropy": {"avg_at_k": 0.25, "pass_at_k": 0.8, "entropy_bits": 0.79, "mean_length": 140.0},
-    }}}  # fmt: skip
+    results = {
+        "per_benchmark": {
+            "gsm8k": {
+                "normal": {"avg_at_k": 0.5, "pass_at_k": 0.75, "entropy_bits": 0.61, "mean_length": 120.0},
+                "high_entropy": {"avg_at_k": 0.25, "pass_at_k": 0.8, "entropy_bits": 0.79, "mean_length": 140.0},
+            }
+        }
+    }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     trainer.create_model_card(model_name="tiny-ps", eval_results=str(path))
@@ -81,8 +94,14 @@ def test_missing_policy_split_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="was it trained with policy-split-trl"):
         load_policy_split_config(str(tmp_path))
     section = modes_card_section(
-        {"modes": {"normal": {"system_prompt": None, "purpose": "p"},
-                   "high_entropy": {"system_prompt": "a | b", "purpose": "q"}}}, "m")  # fmt: skip
+        {
+            "modes": {
+                "normal": {"system_prompt": None, "purpose": "p"},
+                "high_entropy": {"system_prompt": "a | b", "purpose": "q"},
+            }
+        },
+        "m",
+    )
     assert "a \\| b" in section  # a pipe in a prompt does not break the table
 
 
@@ -108,8 +127,15 @@ def test_push_to_hub_uploads_weights_policy_split_json_and_the_card(tmp_path, to
     trainer = make_trainer(tmp_path, tokenizer, max_steps=1, high_entropy_system_prompt=PROMPT)
     trainer.train()
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"per_benchmark": {"gsm8k": {"normal": {
-        "avg_at_k": 0.1, "pass_at_k": 0.2, "entropy_bits": 0.5, "mean_length": 10.0}}}}))  # fmt: skip
+    results.write_text(
+        json.dumps(
+            {
+                "per_benchmark": {
+                    "gsm8k": {"normal": {"avg_at_k": 0.1, "pass_at_k": 0.2, "entropy_bits": 0.5, "mean_length": 10.0}}
+                }
+            }
+        )
+    )
     trainer.push_to_hub(eval_results=str(results))
     files = uploaded["files"]
     assert uploaded["repo_id"] == "me/out"

@@ -45,8 +45,13 @@ def test_loader_without_policy_split_json_falls_back_to_the_papers_prompts(train
 def test_chat_cli_in_a_pseudo_terminal(trained_folder):
     pexpect = pytest.importorskip("pexpect")
     exe = os.path.join(os.path.dirname(sys.executable), "policy-split-chat")
-    child = pexpect.spawn(exe, ["--model", trained_folder, "--max_new_tokens", "5", "--temperature", "1.0"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, encoding="utf-8", timeout=120)  # fmt: skip
+    child = pexpect.spawn(
+        exe,
+        ["--model", trained_folder, "--max_new_tokens", "5", "--temperature", "1.0"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        encoding="utf-8",
+        timeout=120,
+    )
     try:
         child.expect_exact("[normal]> ")
         child.sendline("hello there")
@@ -103,8 +108,11 @@ def test_chat_cli_passes_adapter_and_backend_through(tiny_model_path, tmp_path, 
     adapter = save_tiny_lora_adapter(tiny_model_path, str(tmp_path / "lora-r32"), r=32)
     started = {}
     monkeypatch.setattr(chat, "chat", lambda model, mode, sampling: started.update(model=model, sampling=sampling))
-    monkeypatch.setattr(sys, "argv", ["policy-split-chat", "--model", tiny_model_path, "--adapter", adapter,
-                                      "--backend", "vllm", "--top_k", "0"])  # fmt: skip
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["policy-split-chat", "--model", tiny_model_path, "--adapter", adapter, "--backend", "vllm", "--top_k", "0"],
+    )
     chat.cli()
     assert started["model"].llm is vllm.built[-1] and vllm.built[-1].kwargs["max_lora_rank"] == 32
     assert started["model"].lora_request.lora_path == adapter and started["sampling"]["top_k"] == 0

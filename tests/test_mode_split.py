@@ -49,8 +49,13 @@ def test_aggregate_metrics_per_method_over_seeds():
     assert out["a"]["x"]["mean"] == pytest.approx(7 / 3)
     assert out["a"]["x"]["std"] == pytest.approx(math.sqrt(7 / 3))
     assert out["a"]["x"]["seeds"] == [0, 1, 2] and out["a"]["x"]["values"] == [1.0, 2.0, 4.0]
-    assert out["a"]["y"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2, "values": [3.0, 1.0],
-                             "seeds": [1, 2]}  # fmt: skip
+    assert out["a"]["y"] == {
+        "mean": 2.0,
+        "std": pytest.approx(math.sqrt(2)),
+        "n": 2,
+        "values": [3.0, 1.0],
+        "seeds": [1, 2],
+    }
     assert out["b"]["x"]["mean"] == 10.0 and out["b"]["x"]["std"] is None
     assert "y" not in out["b"]
     assert format_mean_std(out["a"]["x"], 2) == "2.33 ± 1.53"
@@ -60,11 +65,14 @@ def test_aggregate_metrics_per_method_over_seeds():
 
 def test_paired_differences_by_seed():
     runs = [
-        _run("ps", 0, {"kl": 0.30}), _run("ps", 1, {"kl": 0.10}), _run("ps", 2, {"kl": 0.50}),
+        _run("ps", 0, {"kl": 0.30}),
+        _run("ps", 1, {"kl": 0.10}),
+        _run("ps", 2, {"kl": 0.50}),
         _run("ps", 3, {"kl": 0.25}),
-        _run("share", 0, {"kl": 0.10}), _run("share", 1, {"kl": 0.20}),  # seed 2 missing: not paired
+        _run("share", 0, {"kl": 0.10}),
+        _run("share", 1, {"kl": 0.20}),  # seed 2 missing: not paired
         _run("share", 3, {"kl": 0.25}),  # a tie: not counted as "> 0"
-    ]  # fmt: skip
+    ]
     out = paired_differences(runs, "ps", "share", ["kl"])
     assert out["kl"]["seeds"] == [0, 1, 3]
     assert out["kl"]["values"] == pytest.approx([0.20, -0.10, 0.0])
@@ -91,9 +99,15 @@ def test_aggregate_curves_over_common_steps():
 
 
 def test_summary_markdown_has_every_method_and_the_paired_column():
-    runs = [_run(m, s, {"probe/kl_high_entropy_normal": v}) for m, s, v in
-            [("policy_split", 0, 0.4), ("policy_split", 1, 0.2), ("grpo_rollout_sharing", 0, 0.1),
-             ("grpo_rollout_sharing", 1, 0.1)]]  # fmt: skip
+    runs = [
+        _run(m, s, {"probe/kl_high_entropy_normal": v})
+        for m, s, v in [
+            ("policy_split", 0, 0.4),
+            ("policy_split", 1, 0.2),
+            ("grpo_rollout_sharing", 0, 0.1),
+            ("grpo_rollout_sharing", 1, 0.1),
+        ]
+    ]
     for r in runs:
         r["probe_curve"] = [{"step": 0, **dict.fromkeys(CURVE_METRICS, 0.0)}]
     summary = summarize(runs, ["policy_split", "grpo_rollout_sharing"], "test")
@@ -169,10 +183,37 @@ def test_probe_with_completion_logits_only_matches_the_full_forward(model, token
 
 # --------------------------------------------------------------------------------------------- end to end (tiny)
 def _tiny_argv(model_path, output_dir, *extra):
-    return ["--model", model_path, "--methods", "grpo", "policy_split", "--paired", "policy_split", "grpo",
-            "--seeds", "0", "--max_steps", "2", "--probe_every", "1", "--probe_prompts", "2",
-            "--probe_samples_per_mode", "1", "--eval_limit", "2", "--eval_k", "1", "--eval_max_new_tokens", "8",
-            "--output_dir", str(output_dir), "--max_completion_length", "8", *extra]  # fmt: skip
+    return [
+        "--model",
+        model_path,
+        "--methods",
+        "grpo",
+        "policy_split",
+        "--paired",
+        "policy_split",
+        "grpo",
+        "--seeds",
+        "0",
+        "--max_steps",
+        "2",
+        "--probe_every",
+        "1",
+        "--probe_prompts",
+        "2",
+        "--probe_samples_per_mode",
+        "1",
+        "--eval_limit",
+        "2",
+        "--eval_k",
+        "1",
+        "--eval_max_new_tokens",
+        "8",
+        "--output_dir",
+        str(output_dir),
+        "--max_completion_length",
+        "8",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -260,9 +260,15 @@ def qwen3_0_6b_config(tmp_path):
 
     folder = tmp_path / "qwen3-0.6b"
     Qwen3Config(
-        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-    ).save_pretrained(folder)  # fmt: skip
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ).save_pretrained(folder)
     return str(folder)
 
 

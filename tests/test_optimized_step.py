@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer
 
 from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer
-from policy_split_trl.trainer import HIGH_ENTROPY_CONTEXT, NORMAL_CONTEXT, forward_plan, width_sorted_chunks
+from policy_split_trl.contexts import HIGH_ENTROPY_CONTEXT, NORMAL_CONTEXT
+from policy_split_trl.optimized_step import forward_plan, width_sorted_chunks
 
 G = 4
 
@@ -39,8 +40,14 @@ def test_forward_plan_from_summed_positions():
 
 
 def make(tmp_path, tokenizer, optimized, model_path, peft_config=None, **kwargs):
-    args = training_args(tmp_path / f"out-{optimized}", num_generations=G, max_completion_length=10,
-                         per_device_eval_batch_size=8, optimized_step=optimized, **kwargs)  # fmt: skip
+    args = training_args(
+        tmp_path / f"out-{optimized}",
+        num_generations=G,
+        max_completion_length=10,
+        per_device_eval_batch_size=8,
+        optimized_step=optimized,
+        **kwargs,
+    )
     return PolicySplitGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64),
         reward_funcs=[length_reward],
@@ -212,8 +219,9 @@ def test_training_runs_match_with_lora_and_accumulation(tmp_path, tokenizer, tin
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def test_low_memory_trains_the_high_entropy_context_in_normal_sized_chunks(tmp_path, tokenizer, tiny_model_path,
-                                                                         monkeypatch):  # fmt: skip
+def test_low_memory_trains_the_high_entropy_context_in_normal_sized_chunks(
+    tmp_path, tokenizer, tiny_model_path, monkeypatch
+):
     fast, _ = pair(tmp_path, tokenizer, tiny_model_path, bonus_from_loss_pass=False)
     out = generate(fast)
     shapes = []

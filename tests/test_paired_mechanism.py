@@ -16,8 +16,8 @@ from tiny_model import arithmetic_dataset, build_model, build_tokenizer, length_
 from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer
 from policy_split_trl import trainer as trainer_module
 from policy_split_trl.benchmarks import paired_mechanism as pm
+from policy_split_trl.contexts import HE_KEY_PREFIX
 from policy_split_trl.probe import ModeGapProbe
-from policy_split_trl.trainer import HE_KEY_PREFIX
 
 G = 4
 QUERIES = 2
@@ -122,17 +122,29 @@ def setup(tmp_path_factory, one_thread):
     # Training questions: none of the held-out ones (the probe measures generalization of the update, not recall).
     rows = [r for r in arithmetic_dataset(200, seed=0) if r["prompt"] not in heldout][: QUERIES * 3 * NUM_BATCHES]
     # `length_reward` is dense: every group has reward variance, so A != 0 and the bonus acts on every batch.
-    args = PolicySplitGRPOConfig(**training_args(
-        tmp_path_factory.mktemp("paired"), num_generations=G, per_device_train_batch_size=QUERIES * G,
-        max_completion_length=12, steps_per_generation=1, num_iterations=1, beta=0.0, loss_type="dapo",
-        disable_tqdm=True,
-    ))  # fmt: skip
+    args = PolicySplitGRPOConfig(
+        **training_args(
+            tmp_path_factory.mktemp("paired"),
+            num_generations=G,
+            per_device_train_batch_size=QUERIES * G,
+            max_completion_length=12,
+            steps_per_generation=1,
+            num_iterations=1,
+            beta=0.0,
+            loss_type="dapo",
+            disable_tqdm=True,
+        )
+    )
     trainer = PolicySplitGRPOTrainer(
-        model=model, reward_funcs=[length_reward], args=args, train_dataset=arithmetic_dataset(8),
+        model=model,
+        reward_funcs=[length_reward],
+        args=args,
+        train_dataset=arithmetic_dataset(8),
         processing_class=tokenizer,
-    )  # fmt: skip
-    probe = ModeGapProbe.sample(model, tokenizer, heldout, args.high_entropy_system_prompt, num_per_mode=2,
-                                max_new_tokens=12, seed=0)  # fmt: skip
+    )
+    probe = ModeGapProbe.sample(
+        model, tokenizer, heldout, args.high_entropy_system_prompt, num_per_mode=2, max_new_tokens=12, seed=0
+    )
     batches = [[r for r in rows[QUERIES * b : QUERIES * (b + 1)] for _ in range(G)] for b in range(3 * NUM_BATCHES)]
     return trainer, probe, batches
 
@@ -144,8 +156,9 @@ def test_bonus_raises_he_entropy_and_kl_for_both_placements(setup):
     # A second eta = 0 update is a placebo: paired with the first, its effect must be exactly 0 (same weights, fresh
     # optimizer, a copy of the same batch, the same random state).
     settings = [*pm.default_settings(0.03), pm.UpdateSetting("placebo", 0.0)]
-    result = pm.run_paired_mechanism(trainer, probe, batches[:NUM_BATCHES], settings, learning_rate=LEARNING_RATE,
-                                     progress=None)  # fmt: skip
+    result = pm.run_paired_mechanism(
+        trainer, probe, batches[:NUM_BATCHES], settings, learning_rate=LEARNING_RATE, progress=None
+    )
     summary = result["summary"]
     assert summary["batches"] == NUM_BATCHES
     for placement in ("inside_clip", "outside_clip"):
@@ -180,8 +193,16 @@ def test_control_no_advantage_no_effect(setup, optimizer):
     for key in ("advantages", HE_KEY_PREFIX + "advantages"):
         batch[key] = torch.zeros_like(batch[key])
     theta0 = pm.snapshot(trainer.model)
-    record = pm.paired_batch(trainer, batch, probe, pm.default_settings(0.03), theta0, probe.measure(trainer.model),
-                             optimizer=optimizer, learning_rate=1e-3)  # fmt: skip
+    record = pm.paired_batch(
+        trainer,
+        batch,
+        probe,
+        pm.default_settings(0.03),
+        theta0,
+        probe.measure(trainer.model),
+        optimizer=optimizer,
+        learning_rate=1e-3,
+    )
     for placement in ("inside_clip", "outside_clip"):
         assert record["deltas"][placement] == record["deltas"]["eta0"]
         assert record["updates"][placement]["distance_to_baseline"] == 0.0
@@ -204,7 +225,9 @@ def test_an_ignored_eta_fails_loudly(setup, monkeypatch):
     pm.restore(trainer.model, theta0)
     # An update identical to the baseline's, although a bonus was logged, fails too; so does another eta in force.
     with pytest.raises(RuntimeError, match="identical to the eta = 0 update"):
-        pm._check_eta_followed(pm.UpdateSetting("x", 0.03), {"bonus_abs_mean": 0.01, "distance_to_baseline": 0.0}, True)
+        pm._check_eta_followed(
+            pm.UpdateSetting("x", 0.03), {"bonus_abs_mean": 0.01, "distance_to_baseline": 0.0}, True
+        )
     with pytest.raises(RuntimeError, match="reports eta = 0.05 in force"):
         pm._check_eta_followed(pm.UpdateSetting("x", 0.03), {"eta_in_force": 0.05, "bonus_abs_mean": 0.01}, True)
 
@@ -239,11 +262,18 @@ def test_resume_skips_finished_batches_and_refuses_other_settings(setup, tmp_pat
     assert second["records"][:2] == json.loads(json.dumps(first["records"]))
     assert [r["batch"] for r in second["records"]] == [0, 1, 2]
     # Fewer batches than saved: the first ones only, nothing computed.
-    assert len(pm.run_paired_mechanism(trainer, probe, batches[:3], settings, progress=None, num_batches=1,
-                                       **kwargs)["records"]) == 1  # fmt: skip
+    assert (
+        len(
+            pm.run_paired_mechanism(trainer, probe, batches[:3], settings, progress=None, num_batches=1, **kwargs)[
+                "records"
+            ]
+        )
+        == 1
+    )
     with pytest.raises(ValueError, match=r"learning_rate: 0.0001 there, 0.001 now"):
-        pm.run_paired_mechanism(trainer, probe, batches[:3], settings, progress=None,
-                                **{**kwargs, "learning_rate": 1e-3})  # fmt: skip
+        pm.run_paired_mechanism(
+            trainer, probe, batches[:3], settings, progress=None, **{**kwargs, "learning_rate": 1e-3}
+        )
 
 
 def test_uninformative_batches_are_skipped_and_recorded(setup, tmp_path, monkeypatch):
@@ -259,8 +289,16 @@ def test_uninformative_batches_are_skipped_and_recorded(setup, tmp_path, monkeyp
 
     monkeypatch.setattr(pm, "generate_batch", every_other_uninformative)
     path = str(tmp_path / "batches.jsonl")
-    result = pm.run_paired_mechanism(trainer, probe, batches[:4], pm.default_settings(0.03, ["outside_clip"]),
-                                     learning_rate=LEARNING_RATE, num_batches=2, results_path=path, progress=None)  # fmt: skip
+    result = pm.run_paired_mechanism(
+        trainer,
+        probe,
+        batches[:4],
+        pm.default_settings(0.03, ["outside_clip"]),
+        learning_rate=LEARNING_RATE,
+        num_batches=2,
+        results_path=path,
+        progress=None,
+    )
     assert result["skipped"] == [0, 2] and [r["batch"] for r in result["records"]] == [1, 3]
     assert result["summary"]["skipped_uninformative"] == 2
     with open(path) as f:
@@ -269,9 +307,25 @@ def test_uninformative_batches_are_skipped_and_recorded(setup, tmp_path, monkeyp
 
 def test_cli_end_to_end(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "paired"
-    argv = ["--model", tiny_model_path, "--num_batches", "2", "--num_generations", "4", "--max_completion_length",
-            "8", "--probe_prompts", "2", "--probe_samples_per_mode", "1", "--probe_max_new_tokens", "8",
-            "--keep_uninformative", "--output_dir", str(out)]  # fmt: skip
+    argv = [
+        "--model",
+        tiny_model_path,
+        "--num_batches",
+        "2",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--probe_prompts",
+        "2",
+        "--probe_samples_per_mode",
+        "1",
+        "--probe_max_new_tokens",
+        "8",
+        "--keep_uninformative",
+        "--output_dir",
+        str(out),
+    ]
     result = pm.main(argv)
     printed = capsys.readouterr().out
     assert "| inside_clip | entropy, HE context |" in printed and "| outside_clip | KL(pi_HE ‖ pi) |" in printed

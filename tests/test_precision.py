@@ -10,6 +10,8 @@ import torch
 from tiny_model import arithmetic_dataset, build_model, length_reward, training_args
 
 from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer
+from policy_split_trl.comparison.config import load_compare_config
+from policy_split_trl.comparison.runner import parse_training
 from policy_split_trl.methods import apply_method
 from policy_split_trl.precision import (
     MIN_FRACTION_CHANGED,
@@ -22,8 +24,8 @@ from policy_split_trl.precision import (
     trainer_precision_warning,
     update_rounding,
 )
-from policy_split_trl.scripts.compare import load_compare_config, parse_training
-from policy_split_trl.scripts.train import make_parser, run
+from policy_split_trl.scripts.train import run
+from policy_split_trl.training import make_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(
@@ -139,9 +141,12 @@ def test_precision_warning_reads_the_deepspeed_state(monkeypatch):
 def _train_and_count_changed(model, tokenizer, output_dir):
     args = PolicySplitGRPOConfig(**training_args(output_dir, learning_rate=PAPER_LR, bf16=True, max_steps=3))
     trainer = PolicySplitGRPOTrainer(
-        model=model, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset(16),
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=arithmetic_dataset(16),
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     warning = trainer_precision_warning(trainer)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -213,12 +218,34 @@ def test_dry_run_of_a_bf16_recipe_variant_warns(capsys):
 
 
 def test_a_real_run_warns_from_the_loaded_weights(tiny_model_path, tmp_path, capsys):
-    trainer = run([
-        "--config", os.path.join(ROOT, "recipes", "quickstart.yaml"), "--model_name_or_path", tiny_model_path,
-        "--output_dir", str(tmp_path), "--dtype", "bfloat16", "--learning_rate", "3e-6", "--max_steps", "1",
-        "--max_completion_length", "8", "--num_generations", "4", "--per_device_train_batch_size", "4",
-        "--mode_report", "false", "--use_cpu", "true", "--report_to", "none",
-    ])  # fmt: skip
+    trainer = run(
+        [
+            "--config",
+            os.path.join(ROOT, "recipes", "quickstart.yaml"),
+            "--model_name_or_path",
+            tiny_model_path,
+            "--output_dir",
+            str(tmp_path),
+            "--dtype",
+            "bfloat16",
+            "--learning_rate",
+            "3e-6",
+            "--max_steps",
+            "1",
+            "--max_completion_length",
+            "8",
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--mode_report",
+            "false",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     assert trainer.state.global_step == 1
     assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
     out = capsys.readouterr().out

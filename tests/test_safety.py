@@ -188,8 +188,12 @@ def test_datasets_are_checked_before_the_model_loads(tmp_path, trainer_class, ro
     config_class = PolicySplitGRPOConfig if trainer_class is PolicySplitGRPOTrainer else EntropyAdvantageGRPOConfig
     # The model id does not exist: had it been loaded first, the error would be about the model.
     with pytest.raises(ValueError, match=message):
-        trainer_class(model="no-such-org/no-such-model", reward_funcs=[length_reward],
-                      args=config_class(**settings(tmp_path)), train_dataset=Dataset.from_list(rows))  # fmt: skip
+        trainer_class(
+            model="no-such-org/no-such-model",
+            reward_funcs=[length_reward],
+            args=config_class(**settings(tmp_path)),
+            train_dataset=Dataset.from_list(rows),
+        )
 
 
 def test_each_eval_split_is_checked(tmp_path, tokenizer):
@@ -197,7 +201,11 @@ def test_each_eval_split_is_checked(tmp_path, tokenizer):
 
     good = arithmetic_dataset(4)
     with pytest.raises(ValueError, match=r"eval_dataset\['held_out'\]: row 0"):
-        PolicySplitGRPOTrainer(model=build_model(tokenizer), reward_funcs=[length_reward],
-                               args=PolicySplitGRPOConfig(**settings(tmp_path)), train_dataset=good,
-                               eval_dataset={"ok": good, "held_out": Dataset.from_list([{"prompt": " "}])},
-                               processing_class=tokenizer)  # fmt: skip
+        PolicySplitGRPOTrainer(
+            model=build_model(tokenizer),
+            reward_funcs=[length_reward],
+            args=PolicySplitGRPOConfig(**settings(tmp_path)),
+            train_dataset=good,
+            eval_dataset={"ok": good, "held_out": Dataset.from_list([{"prompt": " "}])},
+            processing_class=tokenizer,
+        )

@@ -9,11 +9,20 @@ from policy_split_trl.benchmarks.step_overhead import PHASES, main, summarize
 def test_summarize_medians_and_ratios():
     def run(variant, totals, rss):
         steps = [{"total": t, **{p: t / len(PHASES) for p in PHASES}} for t in totals]
-        return {"variant": variant, "steps": steps, "peak_rss_mb": rss, "peak_cuda_mb": None,
-                "completion_tokens_per_step": 512}  # fmt: skip
+        return {
+            "variant": variant,
+            "steps": steps,
+            "peak_rss_mb": rss,
+            "peak_cuda_mb": None,
+            "completion_tokens_per_step": 512,
+        }
 
-    runs = [run("grpo", [9.0, 1.0, 3.0], 1000), run("policy_split", [9.0, 2.0, 2.0], 1200),
-            run("floor", [9.0, 1.5, 2.5], 1100), run("grpo", [9.0, 2.0], 900)]  # fmt: skip
+    runs = [
+        run("grpo", [9.0, 1.0, 3.0], 1000),
+        run("policy_split", [9.0, 2.0, 2.0], 1200),
+        run("floor", [9.0, 1.5, 2.5], 1100),
+        run("grpo", [9.0, 2.0], 900),
+    ]
     summary = summarize(runs)
     # The first step of every run is a warm-up; medians over the rest: grpo [1, 3, 2] -> 2, policy_split 2, floor 2.
     assert summary["variants"]["grpo"]["step_time_s"] == 2.0
@@ -29,8 +38,22 @@ def test_summarize_medians_and_ratios():
 
 def test_benchmark_runs_on_the_tiny_model(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "bench"
-    result = main(["--model", tiny_model_path, "--num_generations", "4", "--max_completion_length", "8",
-                   "--steps", "2", "--rounds", "1", "--output_dir", str(out)])  # fmt: skip
+    result = main(
+        [
+            "--model",
+            tiny_model_path,
+            "--num_generations",
+            "4",
+            "--max_completion_length",
+            "8",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "time_policy_split_over_grpo" in printed and "time_policy_split_over_floor" in printed
     saved = json.loads((out / "results.json").read_text())

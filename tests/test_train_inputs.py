@@ -11,7 +11,8 @@ from trl import GRPOTrainer
 
 from policy_split_trl.hub import load_policy_split_config, policy_split_metadata
 from policy_split_trl.methods import COMMAND_LINE, METHODS, MethodConfig, apply_method, inapplicable_settings
-from policy_split_trl.scripts.train import explicit_arguments, resolve_resume_from_checkpoint, run
+from policy_split_trl.scripts.train import run
+from policy_split_trl.training import explicit_arguments, resolve_resume_from_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "recipes", "quickstart.yaml")
@@ -42,11 +43,28 @@ def recipe(tmp_path, **changes):
 def cli(tiny_model_path, output_dir, *extra, config=QUICKSTART):
     """A 2-step tiny run of the quickstart recipe, no evaluation."""
     return [
-        "--config", config, "--model_name_or_path", tiny_model_path, "--output_dir", str(output_dir),
-        "--max_steps", "2", "--max_completion_length", "8", "--num_generations", "4",
-        "--per_device_train_batch_size", "4", "--mode_report", "false", "--use_cpu", "true", "--report_to", "none",
+        "--config",
+        config,
+        "--model_name_or_path",
+        tiny_model_path,
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "2",
+        "--max_completion_length",
+        "8",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--mode_report",
+        "false",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def method_warnings(record):
@@ -76,35 +94,56 @@ BAD_INPUTS = {
         ValueError,
         r"--mode_prompt_file .*he.txt is empty; write the high-entropy system prompt into it",
     ),
-    "mode_prompt_file_whitespace": (lambda t: ["--mode_prompt_file", _write("he.txt", " \n\t\n")(t)], ValueError,
-                                    "he.txt is empty"),
+    "mode_prompt_file_whitespace": (
+        lambda t: ["--mode_prompt_file", _write("he.txt", " \n\t\n")(t)],
+        ValueError,
+        "he.txt is empty",
+    ),
     "mode_prompt_file_binary": (
         lambda t: ["--mode_prompt_file", _write("he.bin", bytes(range(256)))(t)],
         ValueError,
         r"--mode_prompt_file .*he.bin is not UTF-8 text \(byte 128\); write the high-entropy system prompt as plain",
     ),
-    "mode_prompt_file_nul_bytes": (lambda t: ["--mode_prompt_file", _write("he.txt", b"Explore\x00\x01")(t)],
-                                   ValueError, r"he.txt is a binary file"),
+    "mode_prompt_file_nul_bytes": (
+        lambda t: ["--mode_prompt_file", _write("he.txt", b"Explore\x00\x01")(t)],
+        ValueError,
+        r"he.txt is a binary file",
+    ),
     "reward_unknown_name": (
         lambda t: ["--reward_funcs", "acuracy"],
         ValueError,
         r"--reward_funcs acuracy: Unknown reward function 'acuracy'. Use one of \['accuracy'",
     ),
-    "reward_bad_module": (lambda t: ["--reward_funcs", "no_such_module_xyz.reward"], ValueError,
-                          r"--reward_funcs no_such_module_xyz.reward: Cannot import .*No module named"),
-    "reward_bad_attribute": (lambda t: ["--reward_funcs", "arithmetic", "policy_split_trl.rewards.no_such_reward"],
-                             ValueError, r"--reward_funcs policy_split_trl.rewards.no_such_reward: Cannot import"),
-    "reward_not_callable": (lambda t: ["--reward_funcs", "math.pi"], ValueError,
-                            "--reward_funcs math.pi: Reward 'math.pi' resolves to a non-callable float"),
+    "reward_bad_module": (
+        lambda t: ["--reward_funcs", "no_such_module_xyz.reward"],
+        ValueError,
+        r"--reward_funcs no_such_module_xyz.reward: Cannot import .*No module named",
+    ),
+    "reward_bad_attribute": (
+        lambda t: ["--reward_funcs", "arithmetic", "policy_split_trl.rewards.no_such_reward"],
+        ValueError,
+        r"--reward_funcs policy_split_trl.rewards.no_such_reward: Cannot import",
+    ),
+    "reward_not_callable": (
+        lambda t: ["--reward_funcs", "math.pi"],
+        ValueError,
+        "--reward_funcs math.pi: Reward 'math.pi' resolves to a non-callable float",
+    ),
     "dataset_missing_relative": (
         lambda t: ["--dataset_name", "data/missing.jsonl"],
         FileNotFoundError,
         r"--dataset_name data/missing.jsonl: No such data file: .*resolved from the current directory",
     ),
-    "dataset_missing_absolute": (lambda t: ["--dataset_name", str(t / "missing.parquet")], FileNotFoundError,
-                                 r"--dataset_name .*missing.parquet: No such data file"),
-    "dataset_empty_file": (lambda t: ["--dataset_name", _write("train.jsonl", "")(t)], ValueError,
-                           r"--dataset_name .*train.jsonl: Data file .*train.jsonl is empty \(0 bytes\)"),
+    "dataset_missing_absolute": (
+        lambda t: ["--dataset_name", str(t / "missing.parquet")],
+        FileNotFoundError,
+        r"--dataset_name .*missing.parquet: No such data file",
+    ),
+    "dataset_empty_file": (
+        lambda t: ["--dataset_name", _write("train.jsonl", "")(t)],
+        ValueError,
+        r"--dataset_name .*train.jsonl: Data file .*train.jsonl is empty \(0 bytes\)",
+    ),
     "dataset_bad_json_line": (
         lambda t: ["--dataset_name", _write("train.jsonl", '{"prompt": "q", "solution": "1"}\n{"prompt": \n')(t)],
         ValueError,
@@ -120,16 +159,31 @@ BAD_INPUTS = {
         ValueError,
         r"no column\(s\) \['prompt'\]; columns found: \['question', 'solution'\]. Map yours with --prompt_column",
     ),
-    "max_train_samples_zero": (lambda t: ["--max_train_samples", "0"], ValueError,
-                               "--max_train_samples must be a positive number of rows .got 0.; leave it unset"),
-    "max_train_samples_negative": (lambda t: ["--max_train_samples", "-5"], ValueError,
-                                   r"--max_train_samples must be a positive number of rows \(got -5\)"),
-    "max_eval_samples_zero": (lambda t: ["--max_eval_samples", "0"], ValueError,
-                              r"--max_eval_samples must be a positive number"),
-    "task_unknown_in_recipe": (lambda t: ["--config", recipe(t, task="poetry")], ValueError,
-                               r"--task 'poetry' is unknown; choose one of \['arithmetic', 'math'"),
-    "method_unknown_in_recipe": (lambda t: ["--config", recipe(t, method="ppo")], ValueError,
-                                 r"--method 'ppo' is unknown; choose one of"),
+    "max_train_samples_zero": (
+        lambda t: ["--max_train_samples", "0"],
+        ValueError,
+        "--max_train_samples must be a positive number of rows .got 0.; leave it unset",
+    ),
+    "max_train_samples_negative": (
+        lambda t: ["--max_train_samples", "-5"],
+        ValueError,
+        r"--max_train_samples must be a positive number of rows \(got -5\)",
+    ),
+    "max_eval_samples_zero": (
+        lambda t: ["--max_eval_samples", "0"],
+        ValueError,
+        r"--max_eval_samples must be a positive number",
+    ),
+    "task_unknown_in_recipe": (
+        lambda t: ["--config", recipe(t, task="poetry")],
+        ValueError,
+        r"--task 'poetry' is unknown; choose one of \['arithmetic', 'math'",
+    ),
+    "method_unknown_in_recipe": (
+        lambda t: ["--config", recipe(t, method="ppo")],
+        ValueError,
+        r"--method 'ppo' is unknown; choose one of",
+    ),
     "resume_missing_folder": (
         lambda t: ["--resume_from_checkpoint", str(t / "checkpoint-7")],
         FileNotFoundError,
@@ -179,28 +233,45 @@ def test_relative_dataset_paths_resolve_from_the_current_directory(tiny_model_pa
         "\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) for i in range(5))
     )
     for name in ("data/train.jsonl", "./data/train.jsonl", str(tmp_path / "data" / "train.jsonl")):
-        summary = run(cli(tiny_model_path, tmp_path / "out", "--dataset_name", name, "--prompt_column", "question",
-                          "--solution_column", "answer", "--dry_run"))  # fmt: skip
+        summary = run(
+            cli(
+                tiny_model_path,
+                tmp_path / "out",
+                "--dataset_name",
+                name,
+                "--prompt_column",
+                "question",
+                "--solution_column",
+                "answer",
+                "--dry_run",
+            )
+        )
         assert summary["train_samples"] == 5
 
 
 # --------------------------------------------------------------------------------------------- policy_split.json
 def _he_meta(**he):
-    meta = policy_split_metadata(MethodConfig(output_dir="x", num_generations=4, per_device_train_batch_size=4,
-                                              use_cpu=True, report_to="none"))  # fmt: skip
+    meta = policy_split_metadata(
+        MethodConfig(output_dir="x", num_generations=4, per_device_train_batch_size=4, use_cpu=True, report_to="none")
+    )
     meta["modes"]["high_entropy"].update(he)
     return meta
 
 
 POLICY_SPLIT_JSON = {
-    "truncated": ('{"format_version": 1, "modes": {"normal": ', r"is not valid JSON \(line 1, column 43: Expecting value; truncated\?"),
+    "truncated": (
+        '{"format_version": 1, "modes": {"normal": ',
+        r"is not valid JSON \(line 1, column 43: Expecting value; truncated\?",
+    ),
     "not_utf8": (b"\xff\xfe{}", r"is not UTF-8 text"),
     "a_list": ("[]", "the content must be a JSON object, got a list"),
     "no_modes": ({"format_version": 1}, "no 'modes' object"),
     "modes_a_list": ({"modes": ["normal", "high_entropy"]}, "'modes' must be an object, got a list"),
     "no_high_entropy_mode": ({"modes": {"normal": {"system_prompt": None}}}, "'modes' has no 'high_entropy' entry"),
-    "mode_without_prompt": ({"modes": {"normal": {}, "high_entropy": {"system_prompt": "x"}}},
-                            "modes.normal must be an object with a 'system_prompt'"),
+    "mode_without_prompt": (
+        {"modes": {"normal": {}, "high_entropy": {"system_prompt": "x"}}},
+        "modes.normal must be an object with a 'system_prompt'",
+    ),
     "prompt_a_number": (_he_meta(system_prompt=3), "modes.high_entropy.system_prompt must be a string or null"),
     "empty_he_prompt": (_he_meta(system_prompt=" "), "modes.high_entropy.system_prompt must be the non-empty prompt"),
     "null_he_prompt": (_he_meta(system_prompt=None), "modes.high_entropy.system_prompt must be the non-empty prompt"),
@@ -235,23 +306,38 @@ def test_a_valid_policy_split_json_loads(tmp_path):
 # -------------------------------------------------------------------------------------------- method contradictions
 CONTRADICTIONS = {
     # case: (recipe changes or None, command-line flags, what the error says)
-    "cli_eta_equal_to_its_default": (None, ["--method", "grpo_rollout_sharing", "--eta", "0.03"],
-                                     r"--method grpo_rollout_sharing means eta=0.0, but eta=0.03 is set \(command line\)"),
+    "cli_eta_equal_to_its_default": (
+        None,
+        ["--method", "grpo_rollout_sharing", "--eta", "0.03"],
+        r"--method grpo_rollout_sharing means eta=0.0, but eta=0.03 is set \(command line\)",
+    ),
     "cli_sharing_equal_to_its_default": (
         None,
         ["--method", "policy_split_no_sharing", "--rollout_sharing", "true"],
         r"means rollout_sharing=False, but rollout_sharing=True is set \(command line\)",
     ),
     "cli_normal_eta": (None, ["--method", "grpo_rollout_sharing", "--normal_eta", "0.01"], "means normal_eta=0.0"),
-    "yaml_eta": ({"method": "grpo_rollout_sharing", "eta": 0.03}, [],
-                 r"means eta=0.0, but eta=0.03 is set \(recipe .*recipe.yaml\); remove eta from the recipe/flags"),
-    "yaml_sharing": ({"method": "policy_split_no_sharing", "rollout_sharing": True}, [],
-                     r"means rollout_sharing=False, but rollout_sharing=True is set \(recipe"),
-    "yaml_method_cli_knob": ({"method": "grpo_rollout_sharing", "eta": None}, ["--eta", "0.03"],
-                             r"eta=0.03 is set \(command line\)"),
+    "yaml_eta": (
+        {"method": "grpo_rollout_sharing", "eta": 0.03},
+        [],
+        r"means eta=0.0, but eta=0.03 is set \(recipe .*recipe.yaml\); remove eta from the recipe/flags",
+    ),
+    "yaml_sharing": (
+        {"method": "policy_split_no_sharing", "rollout_sharing": True},
+        [],
+        r"means rollout_sharing=False, but rollout_sharing=True is set \(recipe",
+    ),
+    "yaml_method_cli_knob": (
+        {"method": "grpo_rollout_sharing", "eta": None},
+        ["--eta", "0.03"],
+        r"eta=0.03 is set \(command line\)",
+    ),
     # Repeating the recipe's own method on the command line does not make the recipe's contradiction go away.
-    "yaml_contradiction_cli_repeats_method": ({"method": "grpo_rollout_sharing", "eta": 0.05},
-                                              ["--method", "grpo_rollout_sharing"], r"eta=0.05 is set \(recipe"),
+    "yaml_contradiction_cli_repeats_method": (
+        {"method": "grpo_rollout_sharing", "eta": 0.05},
+        ["--method", "grpo_rollout_sharing"],
+        r"eta=0.05 is set \(recipe",
+    ),
 }
 
 
@@ -268,8 +354,18 @@ def test_a_setting_that_contradicts_the_method_is_an_error(case, dry_run, tiny_m
 def test_a_method_chosen_on_the_command_line_wins_over_the_recipe_with_a_warning(tiny_model_path, tmp_path):
     # What policy-split-compare runs: the base recipe (eta: 0.05 here) with `--method` per method on the command line.
     config = recipe(tmp_path, eta=0.05)
-    argv = cli(tiny_model_path, tmp_path / "out", "--method", "grpo_rollout_sharing", "--seed", "42",
-               "--save_strategy", "no", "--dry_run", config=config)  # fmt: skip
+    argv = cli(
+        tiny_model_path,
+        tmp_path / "out",
+        "--method",
+        "grpo_rollout_sharing",
+        "--seed",
+        "42",
+        "--save_strategy",
+        "no",
+        "--dry_run",
+        config=config,
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         summary = run(argv)
@@ -288,10 +384,16 @@ INAPPLICABLE = {
     # The recipe's kappa/alpha are its own method's knobs: --method on the command line replaced that method, so only
     # the knob given with it is warned about.
     "grpo_eta": (["--method", "grpo", "--eta", "0.5"], "GRPOTrainer", ["eta (command line)"]),
-    "policy_split_clip_cov": (["--method", "policy_split", "--clip_cov_ratio", "0.1"], "PolicySplitGRPOTrainer",
-                              ["clip_cov_ratio (command line)"]),
-    "entropy_advantage_edge": (["--method", "entropy_advantage", "--edge_epsilon", "1e-6"],
-                               "EntropyAdvantageGRPOTrainer", ["edge_epsilon (command line)"]),
+    "policy_split_clip_cov": (
+        ["--method", "policy_split", "--clip_cov_ratio", "0.1"],
+        "PolicySplitGRPOTrainer",
+        ["clip_cov_ratio (command line)"],
+    ),
+    "entropy_advantage_edge": (
+        ["--method", "entropy_advantage", "--edge_epsilon", "1e-6"],
+        "EntropyAdvantageGRPOTrainer",
+        ["edge_epsilon (command line)"],
+    ),
 }
 
 
@@ -313,7 +415,9 @@ def test_a_recipe_knob_its_own_method_does_not_use_is_warned_about(tiny_model_pa
         warnings.simplefilter("always")
         run(cli(tiny_model_path, tmp_path, "--dry_run", config=recipe(tmp_path, method="grpo")))
     [message] = method_warnings(record)
-    assert "--method grpo does not use alpha, eta, eta_placement, kappa (recipe" in message, message  # yaml.safe_dump sorts keys
+    assert "--method grpo does not use alpha, eta, eta_placement, kappa (recipe" in message, (
+        message
+    )  # yaml.safe_dump sorts keys
 
 
 def test_a_mode_prompt_file_without_a_high_entropy_mode_is_warned_about(tiny_model_path, tmp_path):
@@ -321,8 +425,18 @@ def test_a_mode_prompt_file_without_a_high_entropy_mode_is_warned_about(tiny_mod
     prompt.write_text("Explore.")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        run(cli(tiny_model_path, tmp_path, "--method", "entropy_regularization", "--mode_prompt_file", str(prompt),
-                "--dry_run", config=recipe(tmp_path, eta=None, kappa=None, alpha=None)))  # fmt: skip
+        run(
+            cli(
+                tiny_model_path,
+                tmp_path,
+                "--method",
+                "entropy_regularization",
+                "--mode_prompt_file",
+                str(prompt),
+                "--dry_run",
+                config=recipe(tmp_path, eta=None, kappa=None, alpha=None),
+            )
+        )
     assert method_warnings(record) == [
         (
             f"--method entropy_regularization has no high-entropy mode: --mode_prompt_file {prompt} is not used in "
@@ -340,18 +454,37 @@ def test_a_recipe_without_contradictions_gives_no_method_warning(tiny_model_path
 
 def test_a_value_set_to_the_fields_default_still_wins_over_the_methods_default(tiny_model_path, tmp_path):
     # entropy_coef 0.0 is the field's default: it used to be replaced by the method's 0.003 as if it were unset.
-    summary = run(cli(tiny_model_path, tmp_path, "--method", "entropy_regularization", "--entropy_coef", "0.0",
-                      "--dry_run", config=recipe(tmp_path, eta=None, kappa=None, alpha=None)))  # fmt: skip
+    summary = run(
+        cli(
+            tiny_model_path,
+            tmp_path,
+            "--method",
+            "entropy_regularization",
+            "--entropy_coef",
+            "0.0",
+            "--dry_run",
+            config=recipe(tmp_path, eta=None, kappa=None, alpha=None),
+        )
+    )
     assert summary["method_settings"] == {"entropy_coef": 0.0}
-    unset = run(cli(tiny_model_path, tmp_path, "--method", "entropy_regularization", "--dry_run",
-                    config=recipe(tmp_path, eta=None, kappa=None, alpha=None)))  # fmt: skip
+    unset = run(
+        cli(
+            tiny_model_path,
+            tmp_path,
+            "--method",
+            "entropy_regularization",
+            "--dry_run",
+            config=recipe(tmp_path, eta=None, kappa=None, alpha=None),
+        )
+    )
     assert unset["method_settings"] == {"entropy_coef": 0.003}
 
 
 def test_explicit_arguments_knows_what_was_written_and_where(tmp_path):
     config = recipe(tmp_path, eta=0.03)
-    explicit = explicit_arguments(["--config", config, "--method", "grpo", "--kappa=3", "--no_rollout_sharing",
-                                   "--max_step", "3"])  # fmt: skip
+    explicit = explicit_arguments(
+        ["--config", config, "--method", "grpo", "--kappa=3", "--no_rollout_sharing", "--max_step", "3"]
+    )
     assert explicit["eta"] == f"recipe {config}"  # equal to the default, still written
     assert explicit["kappa"] == explicit["rollout_sharing"] == explicit["method"] == COMMAND_LINE
     assert explicit["max_steps"] == COMMAND_LINE  # argparse's prefix matching, as the real parse does
@@ -362,8 +495,14 @@ def test_explicit_arguments_knows_what_was_written_and_where(tmp_path):
 
 def test_apply_method_with_and_without_explicit_settings(tmp_path):
     def args(**kwargs):
-        return MethodConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, use_cpu=True,
-                            report_to="none", **kwargs)  # fmt: skip
+        return MethodConfig(
+            output_dir=str(tmp_path),
+            num_generations=4,
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            report_to="none",
+            **kwargs,
+        )
 
     with pytest.raises(ValueError, match="means eta=0.0, but eta=0.03 is set"):
         apply_method("grpo_rollout_sharing", args(), {"method": COMMAND_LINE, "eta": COMMAND_LINE})
@@ -372,8 +511,9 @@ def test_apply_method_with_and_without_explicit_settings(tmp_path):
     with pytest.raises(ValueError, match="eta=0.05 is set \\(config\\)"):
         apply_method("grpo_rollout_sharing", args(eta=0.05))
     assert inapplicable_settings("grpo", ["eta", "learning_rate", "clip_cov_ratio", "dry_run"]) == [
-        "eta", "clip_cov_ratio"
-    ]  # fmt: skip
+        "eta",
+        "clip_cov_ratio",
+    ]
     assert inapplicable_settings("policy_split", ["eta", "kappa", "num_high_entropy_generations"]) == []
     for method in METHODS:  # a method's own settings are never reported as inapplicable to it
         assert inapplicable_settings(method, [*METHODS[method].fixed, *METHODS[method].defaults]) == []
@@ -418,8 +558,12 @@ def test_resume_from_a_path(tmp_path, monkeypatch):
         ("nope", lambda t: None, FileNotFoundError, r"--resume_from_checkpoint nope: no such checkpoint folder"),
         ("", lambda t: None, ValueError, "--resume_from_checkpoint is empty; pass true"),
         # The latest checkpoint was being saved when the run died: never resume from half a checkpoint.
-        ("true", lambda t: (_checkpoint(t, 1), (t / "checkpoint-2").mkdir()), ValueError,
-         r"checkpoint-2 is not a complete Trainer checkpoint \(no trainer_state.json"),
+        (
+            "true",
+            lambda t: (_checkpoint(t, 1), (t / "checkpoint-2").mkdir()),
+            ValueError,
+            r"checkpoint-2 is not a complete Trainer checkpoint \(no trainer_state.json",
+        ),
     ],
 )
 def test_resume_with_nothing_to_resume_is_an_error(value, setup, error, message, tmp_path):
@@ -442,12 +586,30 @@ def test_resume_true_continues_a_real_run_at_its_global_step(tiny_model_path, tm
 
     loaded, steps = [], []
     load, training_step = transformers.Trainer._load_from_checkpoint, GRPOTrainer.training_step
-    monkeypatch.setattr(transformers.Trainer, "_load_from_checkpoint",
-                        lambda self, path, *a, **k: (loaded.append(path), load(self, path, *a, **k))[1])  # fmt: skip
-    monkeypatch.setattr(GRPOTrainer, "training_step",
-                        lambda self, *a, **k: (steps.append(self.state.global_step), training_step(self, *a, **k))[1])  # fmt: skip
-    resumed = run(cli(tiny_model_path, out, "--max_steps", "3", "--resume_from_checkpoint", "True",
-                      "--save_strategy", "steps", "--save_steps", "1"))  # fmt: skip
+    monkeypatch.setattr(
+        transformers.Trainer,
+        "_load_from_checkpoint",
+        lambda self, path, *a, **k: (loaded.append(path), load(self, path, *a, **k))[1],
+    )
+    monkeypatch.setattr(
+        GRPOTrainer,
+        "training_step",
+        lambda self, *a, **k: (steps.append(self.state.global_step), training_step(self, *a, **k))[1],
+    )
+    resumed = run(
+        cli(
+            tiny_model_path,
+            out,
+            "--max_steps",
+            "3",
+            "--resume_from_checkpoint",
+            "True",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
+        )
+    )
     assert loaded == [str(out / "checkpoint-2")]
     assert steps == [2]  # one step trained, from global step 2: not a fresh start
     assert resumed.state.global_step == 3 and (out / "checkpoint-3").is_dir()

@@ -12,7 +12,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from policy_split_trl import HIGH_ENTROPY_SYSTEM_PROMPT, PolicySplitGRPOConfig, PolicySplitGRPOTrainer
 from policy_split_trl.advantages import group_advantages
-from policy_split_trl.trainer import HE_KEY_PREFIX, expand_contexts
+from policy_split_trl.contexts import HE_KEY_PREFIX, expand_contexts
 
 G = 4
 ETA, KAPPA = 0.03, 2.0

@@ -8,7 +8,7 @@ side by side, paired by seed, with the gap between the modes measured the same w
 
 Every method trains with the same recipe (default `recipes/quickstart.yaml`: seeded arithmetic, 1 query x 8 rollouts
 of up to 24 tokens per step, the embedded SmolLM2-135M-Instruct), the same budget and the same seeds, through the
-training script's own functions (`policy_split_trl.scripts.train`: argument parsing, `apply_method`, dataset, rewards,
+training script's own functions (`policy_split_trl.training`: argument parsing, `apply_method`, dataset, rewards,
 model loading). Measured:
 
 - during training, at step 0 and every `--probe_every` steps (and at the last step), a fixed held-out probe
@@ -135,8 +135,12 @@ def aggregate_metrics(
                 continue
             mean, std = mean_std([v for _, v in pairs])
             out[method][name] = {
-                "mean": mean, "std": std, "n": len(pairs), "values": [v for _, v in pairs], "seeds": [s for s, _ in pairs],
-            }  # fmt: skip
+                "mean": mean,
+                "std": std,
+                "n": len(pairs),
+                "values": [v for _, v in pairs],
+                "seeds": [s for s, _ in pairs],
+            }
     return out
 
 
@@ -177,9 +181,13 @@ def paired_differences(
         values = [v for _, v in pairs]
         mean, std = mean_std(values)
         out[name] = {
-            "mean": mean, "std": std, "n": len(values), "values": values, "seeds": [s for s, _ in pairs],
+            "mean": mean,
+            "std": std,
+            "n": len(values),
+            "values": values,
+            "seeds": [s for s, _ in pairs],
             "positive": sum(v > 0 for v in values),
-        }  # fmt: skip
+        }
     return out
 
 
@@ -253,9 +261,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             continue
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if initial:
-        lines += ["", "Probe at step 0 (the initial model, the same for every run): " + ", ".join(
-            f"{CURVE_METRICS[k]} {initial[k]:.4f}" for k in CURVE_METRICS if k in initial
-        )]  # fmt: skip
+        lines += [
+            "",
+            "Probe at step 0 (the initial model, the same for every run): "
+            + ", ".join(f"{CURVE_METRICS[k]} {initial[k]:.4f}" for k in CURVE_METRICS if k in initial),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -292,9 +302,13 @@ def plot_mode_split(
             ax.plot(steps, mean, color=colour, marker="o", markersize=3, label=label)
             if all(s is not None for s in std) and steps:
                 ax.fill_between(
-                    steps, [m - s for m, s in zip(mean, std, strict=True)],
-                    [m + s for m, s in zip(mean, std, strict=True)], color=colour, alpha=0.2, linewidth=0,
-                )  # fmt: skip
+                    steps,
+                    [m - s for m, s in zip(mean, std, strict=True)],
+                    [m + s for m, s in zip(mean, std, strict=True)],
+                    color=colour,
+                    alpha=0.2,
+                    linewidth=0,
+                )
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
@@ -355,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="The same for every method.")
     p.add_argument("--max_steps", type=int, default=24, help="Optimizer steps per run.")
     p.add_argument(
-        "--max_operand", type=int, default=10,
+        "--max_operand",
+        type=int,
+        default=10,
         help="Train on synthetic arithmetic with operands in [0, N], minus held-out problems that the probe and the "
         "evaluation use (files written to <output_dir>/data). 0: the recipe's own dataset, the probe from its test "
         "split and the evaluation on the arithmetic benchmark.",
@@ -366,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe_samples_per_mode", type=int, default=1, help="Probe completions per prompt and mode.")
     p.add_argument("--probe_max_new_tokens", type=int, help="Probe completion length; default the recipe's.")
     p.add_argument(
-        "--probe_seed", type=int, default=1000,
+        "--probe_seed",
+        type=int,
+        default=1000,
         help="Seed of the probe's samples and of its prompts (the recipe's test split drawn with this seed; "
         "synthetic:arithmetic's test split uses seed + 1, so keep it away from the training seeds).",
-    )  # fmt: skip
+    )
     p.add_argument("--eval_limit", type=int, default=8, help="Held-out arithmetic problems of the final evaluation.")
     p.add_argument("--eval_k", type=int, default=4, help="Samples per problem and mode in the final evaluation.")
     p.add_argument("--eval_temperature", type=float, default=0.6)
@@ -379,15 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_batch_size", type=int, default=16)
     p.add_argument("--no_eval", action="store_true", help="Skip the final Table-5 evaluation (probe and logs only).")
     p.add_argument(
-        "--paired", nargs=2, default=list(DEFAULT_PAIRED), metavar=("A", "B"),
+        "--paired",
+        nargs=2,
+        default=list(DEFAULT_PAIRED),
+        metavar=("A", "B"),
         help="Report per-seed differences A - B (when both are among --methods).",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--num_threads", type=int, default=1,
+        "--num_threads",
+        type=int,
+        default=1,
         help="torch CPU threads (torch.set_num_threads). 1 by default: on a CPU shared with other jobs a second "
         "thread waits at every operation for a busy core (SmolLM2 decoding measured 7-9x slower with 2 threads "
         "than with 1 on a busy 2-core machine). 0: torch's default.",
-    )  # fmt: skip
+    )
     p.add_argument("--output_dir", default="outputs/mode_split")
     return p
 
@@ -428,13 +451,33 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[argparse.Namespa
     return args, train_flags
 
 
-def train_argv(args: argparse.Namespace, train_flags: Sequence[str], method: str, seed: int, run_dir: str) -> list[str]:
+def train_argv(
+    args: argparse.Namespace, train_flags: Sequence[str], method: str, seed: int, run_dir: str
+) -> list[str]:
     """The `policy-split-train` command line of one run (what its parser and `explicit_arguments` read)."""
-    argv = ["--config", args.config, "--method", method, "--seed", str(seed), "--max_steps", str(args.max_steps),
-            "--output_dir", os.path.join(run_dir, "trainer"),
-            # This driver measures and evaluates itself, prints its own progress and keeps no checkpoint.
-            "--mode_report", "false", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
-            "--disable_tqdm", "true"]  # fmt: skip
+    argv = [
+        "--config",
+        args.config,
+        "--method",
+        method,
+        "--seed",
+        str(seed),
+        "--max_steps",
+        str(args.max_steps),
+        "--output_dir",
+        os.path.join(run_dir, "trainer"),
+        # This driver measures and evaluates itself, prints its own progress and keeps no checkpoint.
+        "--mode_report",
+        "false",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
     if args.model:
         argv += ["--model_name_or_path", args.model]
     if args.max_operand:
@@ -484,8 +527,9 @@ def write_task_files(
             f"{heldout_size} held-out ones and training. Raise --max_operand or lower --probe_prompts/--eval_limit."
         )
     heldout: dict[str, str] = {}
-    drawn = synthetic_arithmetic(20 * heldout_size, seed=ARITHMETIC_EVAL_SEED, max_operand=max_operand,
-                                 operations=operations, task="none")  # fmt: skip
+    drawn = synthetic_arithmetic(
+        20 * heldout_size, seed=ARITHMETIC_EVAL_SEED, max_operand=max_operand, operations=operations, task="none"
+    )
     for row in drawn:
         heldout.setdefault(row["prompt"][0]["content"], row["solution"])
         if len(heldout) == heldout_size:
@@ -494,8 +538,9 @@ def write_task_files(
         raise ValueError(f"Only {len(heldout)} distinct held-out problems drawn; lower --probe_prompts/--eval_limit.")
     train = [
         (row["prompt"][0]["content"], row["solution"])
-        for row in synthetic_arithmetic(train_size, seed=0, max_operand=max_operand, operations=operations,
-                                        task="none")
+        for row in synthetic_arithmetic(
+            train_size, seed=0, max_operand=max_operand, operations=operations, task="none"
+        )
         if row["prompt"][0]["content"] not in heldout
     ]
     texts = {
@@ -506,14 +551,17 @@ def write_task_files(
         os.makedirs(os.path.dirname(paths[name]), exist_ok=True)
         atomic_write_text(paths[name], text)
     return {
-        "max_operand": max_operand, "operations": operations, "heldout": len(heldout), "train": len(train),
+        "max_operand": max_operand,
+        "operations": operations,
+        "heldout": len(heldout),
+        "train": len(train),
         **{f"{name}_sha256": _sha256_text(text) for name, text in texts.items()},
-    }  # fmt: skip
+    }
 
 
 def parse_run(argv: list[str]) -> tuple[Any, Any, Any]:
     """Parse and settle one run's arguments exactly as `policy-split-train` does (`prepare_run`: method settings)."""
-    from policy_split_trl.scripts.train import (
+    from policy_split_trl.training import (
         explicit_arguments,
         make_parser,
         prepare_run,
@@ -528,18 +576,20 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
     """The run's trainer, built from the training script's own functions (rewards, dataset, model id)."""
     from policy_split_trl.embedded import resolve_model_id
     from policy_split_trl.methods import METHODS
-    from policy_split_trl.scripts.train import load_reward_funcs, load_split
+    from policy_split_trl.training import load_reward_funcs, load_split
 
     reward_funcs = load_reward_funcs(script_args)
     training_args.model_init_kwargs = {
-        "revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
-    }  # fmt: skip
+    }
     train_dataset = load_split(
         script_args, script_args.dataset_train_split, script_args.max_train_samples, training_args.seed
     )
-    return METHODS[script_args.method].trainer_class()(
+    return METHODS[script_args.method].trainer(
         model=resolve_model_id(model_args.model_name_or_path),
         reward_funcs=reward_funcs,
         args=training_args,
@@ -549,16 +599,22 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
 
 def probe_settings(args: argparse.Namespace, script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
     """What the probe is sampled from and with: a saved probe is reused only with the same settings."""
-    return _json_safe({
-        "model": model_args.model_name_or_path, "task": script_args.task, "prompts": args.probe_prompts,
-        "data": {"heldout_sha256": args.task_info["heldout_sha256"]} if args.task_info else
-        {"dataset_name": script_args.dataset_name, "split": script_args.dataset_test_split},
-        "samples_per_mode": args.probe_samples_per_mode,
-        "max_new_tokens": args.probe_max_new_tokens or training_args.max_completion_length,
-        "temperature": 1.0, "seed": args.probe_seed,
-        "high_entropy_system_prompt_sha256": _sha256_text(training_args.high_entropy_system_prompt),
-        "chat_template_kwargs": training_args.chat_template_kwargs,
-    })  # fmt: skip
+    return _json_safe(
+        {
+            "model": model_args.model_name_or_path,
+            "task": script_args.task,
+            "prompts": args.probe_prompts,
+            "data": {"heldout_sha256": args.task_info["heldout_sha256"]}
+            if args.task_info
+            else {"dataset_name": script_args.dataset_name, "split": script_args.dataset_test_split},
+            "samples_per_mode": args.probe_samples_per_mode,
+            "max_new_tokens": args.probe_max_new_tokens or training_args.max_completion_length,
+            "temperature": 1.0,
+            "seed": args.probe_seed,
+            "high_entropy_system_prompt_sha256": _sha256_text(training_args.high_entropy_system_prompt),
+            "chat_template_kwargs": training_args.chat_template_kwargs,
+        }
+    )
 
 
 def load_or_sample_probe(
@@ -578,7 +634,7 @@ def load_or_sample_probe(
     from policy_split_trl.embedded import resolve_model_id
     from policy_split_trl.eval.files import atomic_write_json, read_json_file
     from policy_split_trl.probe import ModeGapProbe
-    from policy_split_trl.scripts.train import load_split
+    from policy_split_trl.training import load_split
 
     path = os.path.join(args.output_dir, PROBE_FILE)
     settings = probe_settings(args, script_args, training_args, model_args)
@@ -589,24 +645,36 @@ def load_or_sample_probe(
     saved = read_json_file(path, "the probe's sequences", "delete it (and the runs measured with it) to sample anew")
     if saved is not None:
         check_settings(saved["settings"], settings, path)
-        probe = ModeGapProbe(saved["prompts"], saved["completions"], training_args.high_entropy_system_prompt,
-                             tokenizer, training_args.chat_template_kwargs)  # fmt: skip
+        probe = ModeGapProbe(
+            saved["prompts"],
+            saved["completions"],
+            training_args.high_entropy_system_prompt,
+            tokenizer,
+            training_args.chat_template_kwargs,
+        )
         return probe, saved
     # Held-out prompts: the recipe's test split (never trained on), drawn with the probe's own seed.
     if args.max_operand:  # the first held-out problems, never trained on
         heldout = load_prompt_dataset(task_files(args)["heldout"], task=script_args.task)
         prompts = list(heldout.select(range(args.probe_prompts))["prompt"])
     else:  # the recipe's test split, drawn with the probe's own seed
-        prompts = list(load_split(script_args, script_args.dataset_test_split, args.probe_prompts,
-                                  args.probe_seed)["prompt"])  # fmt: skip
+        prompts = list(
+            load_split(script_args, script_args.dataset_test_split, args.probe_prompts, args.probe_seed)["prompt"]
+        )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     started = time.perf_counter()
     probe = ModeGapProbe.sample(
-        model, tokenizer, prompts, training_args.high_entropy_system_prompt,
-        num_per_mode=args.probe_samples_per_mode, max_new_tokens=settings["max_new_tokens"], temperature=1.0,
-        seed=args.probe_seed, chat_template_kwargs=training_args.chat_template_kwargs,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        prompts,
+        training_args.high_entropy_system_prompt,
+        num_per_mode=args.probe_samples_per_mode,
+        max_new_tokens=settings["max_new_tokens"],
+        temperature=1.0,
+        seed=args.probe_seed,
+        chat_template_kwargs=training_args.chat_template_kwargs,
+    )
     initial = probe_point(probe, model, 0)
     del model
     gc.collect()
@@ -717,7 +785,11 @@ def make_callbacks(probe: Any, every: int, max_steps: int, progress: Any) -> tup
 
 
 def run_settings(
-    args: argparse.Namespace, train_flags: Sequence[str], method: str, seed: int, probe_record: Mapping[str, Any],
+    args: argparse.Namespace,
+    train_flags: Sequence[str],
+    method: str,
+    seed: int,
+    probe_record: Mapping[str, Any],
     training_args: Any,
 ) -> dict[str, Any]:
     """What makes a run what it is: compared with a saved run's settings before it is reused."""
@@ -725,22 +797,54 @@ def run_settings(
 
     with open(args.config, encoding="utf-8") as f:
         recipe_sha = _sha256_text(f.read())
-    evaluation = None if args.no_eval else {
-        "benchmark": "arithmetic", "limit": args.eval_limit, "k": args.eval_k, "temperature": args.eval_temperature,
-        "top_p": args.eval_top_p, "top_k": args.eval_top_k, "max_new_tokens": args.eval_max_new_tokens,
-    }  # fmt: skip
-    return _json_safe({
-        "method": method, "seed": seed, "config": os.path.abspath(args.config), "config_sha256": recipe_sha,
-        "model": args.model, "max_steps": args.max_steps, "train_flags": list(train_flags), "task": args.task_info,
-        "probe_every": args.probe_every, "probe_sha256": _sha256_text(json.dumps(
-            [probe_record["prompts"], probe_record["completions"]], sort_keys=True)),
-        "evaluation": evaluation,
-        "method_settings": method_settings(method, training_args),
-        "training": {name: getattr(training_args, name) for name in (
-            "learning_rate", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "max_completion_length", "temperature", "top_p", "top_k", "beta", "loss_type", "lr_scheduler_type",
-            "num_iterations")},
-    })  # fmt: skip
+    evaluation = (
+        None
+        if args.no_eval
+        else {
+            "benchmark": "arithmetic",
+            "limit": args.eval_limit,
+            "k": args.eval_k,
+            "temperature": args.eval_temperature,
+            "top_p": args.eval_top_p,
+            "top_k": args.eval_top_k,
+            "max_new_tokens": args.eval_max_new_tokens,
+        }
+    )
+    return _json_safe(
+        {
+            "method": method,
+            "seed": seed,
+            "config": os.path.abspath(args.config),
+            "config_sha256": recipe_sha,
+            "model": args.model,
+            "max_steps": args.max_steps,
+            "train_flags": list(train_flags),
+            "task": args.task_info,
+            "probe_every": args.probe_every,
+            "probe_sha256": _sha256_text(
+                json.dumps([probe_record["prompts"], probe_record["completions"]], sort_keys=True)
+            ),
+            "evaluation": evaluation,
+            "method_settings": method_settings(method, training_args),
+            "training": {
+                name: getattr(training_args, name)
+                for name in (
+                    "learning_rate",
+                    "num_generations",
+                    "per_device_train_batch_size",
+                    "gradient_accumulation_steps",
+                    "max_completion_length",
+                    "temperature",
+                    "top_p",
+                    "top_k",
+                    "beta",
+                    "loss_type",
+                    "lr_scheduler_type",
+                    "num_iterations",
+                )
+            },
+        }
+    )
 
 
 def evaluate_run(args: argparse.Namespace, trainer: Any, run_dir: str, label: str) -> dict[str, Any]:
@@ -754,19 +858,35 @@ def evaluate_run(args: argparse.Namespace, trainer: Any, run_dir: str, label: st
     model = trainer.accelerator.unwrap_model(trainer.model)
     training_args = trainer.args
     config = EvalConfig(
-        model=label, output_dir=os.path.join(run_dir, "eval"), benchmarks=["arithmetic"], limit=args.eval_limit,
+        model=label,
+        output_dir=os.path.join(run_dir, "eval"),
+        benchmarks=["arithmetic"],
+        limit=args.eval_limit,
         sources={"arithmetic": task_files(args)["heldout"]} if args.max_operand else {},
-        modes=["normal", "high_entropy"], mode_prompts={"high_entropy": training_args.high_entropy_system_prompt},
-        k=args.eval_k, sampling=SamplingConfig(temperature=args.eval_temperature, top_p=args.eval_top_p,
-                                               top_k=args.eval_top_k, max_new_tokens=args.eval_max_new_tokens),
-        batch_size=args.eval_batch_size, backend="transformers",
-        chat_template_kwargs=training_args.chat_template_kwargs or {}, seed=0, progress=False,
-    )  # fmt: skip
+        modes=["normal", "high_entropy"],
+        mode_prompts={"high_entropy": training_args.high_entropy_system_prompt},
+        k=args.eval_k,
+        sampling=SamplingConfig(
+            temperature=args.eval_temperature,
+            top_p=args.eval_top_p,
+            top_k=args.eval_top_k,
+            max_new_tokens=args.eval_max_new_tokens,
+        ),
+        batch_size=args.eval_batch_size,
+        backend="transformers",
+        chat_template_kwargs=training_args.chat_template_kwargs or {},
+        seed=0,
+        progress=False,
+    )
     was_training = model.training
     model.eval()
     try:
-        backend = TransformersBackend(model, trainer.processing_class, batch_size=args.eval_batch_size,
-                                      chat_template_kwargs=config.chat_template_kwargs)  # fmt: skip
+        backend = TransformersBackend(
+            model,
+            trainer.processing_class,
+            batch_size=args.eval_batch_size,
+            chat_template_kwargs=config.chat_template_kwargs,
+        )
         results = evaluate_modes(config, backend=backend)
     finally:
         model.train(was_training)
@@ -779,20 +899,30 @@ def evaluate_run(args: argparse.Namespace, trainer: Any, run_dir: str, label: st
     }
 
 
-def run_metrics(probe_curve: Sequence[Mapping[str, float]], evaluation: Mapping[str, Any] | None,
-                log_history: Sequence[Mapping[str, Any]], train_seconds: float, steps: int) -> dict[str, float | None]:
+def run_metrics(
+    probe_curve: Sequence[Mapping[str, float]],
+    evaluation: Mapping[str, Any] | None,
+    log_history: Sequence[Mapping[str, Any]],
+    train_seconds: float,
+    steps: int,
+) -> dict[str, float | None]:
     """The flat per-run metrics of [`SUMMARY_METRICS`] from the probe curve, the evaluation and the trainer's logs."""
     last = probe_curve[-1]
     metrics: dict[str, float | None] = {f"probe/{k}": last[k] for k in CURVE_METRICS}
     if evaluation:
         normal, he, gap = evaluation["normal"], evaluation["high_entropy"], evaluation["comparison"]
-        metrics.update({
-            "eval/accuracy_normal": 100 * normal["avg_at_k"], "eval/accuracy_high_entropy": 100 * he["avg_at_k"],
-            "eval/entropy_bits_normal": normal["entropy_bits"], "eval/entropy_bits_high_entropy": he["entropy_bits"],
-            "eval/abs_delta_accuracy": 100 * gap["abs_delta_accuracy"],
-            "eval/abs_delta_entropy_bits": gap["abs_delta_entropy_bits"],
-            "eval/abs_delta_length": gap["abs_delta_length"], "eval/kl_high_entropy_normal": gap["kl_mode_normal"],
-        })  # fmt: skip
+        metrics.update(
+            {
+                "eval/accuracy_normal": 100 * normal["avg_at_k"],
+                "eval/accuracy_high_entropy": 100 * he["avg_at_k"],
+                "eval/entropy_bits_normal": normal["entropy_bits"],
+                "eval/entropy_bits_high_entropy": he["entropy_bits"],
+                "eval/abs_delta_accuracy": 100 * gap["abs_delta_accuracy"],
+                "eval/abs_delta_entropy_bits": gap["abs_delta_entropy_bits"],
+                "eval/abs_delta_length": gap["abs_delta_length"],
+                "eval/kl_high_entropy_normal": gap["kl_mode_normal"],
+            }
+        )
     step_logs = [e for e in log_history if "frac_reward_zero_std" in e]
     for key in ("frac_reward_zero_std", "reward"):
         values = [e[key] for e in step_logs if e.get(key) is not None]
@@ -802,8 +932,15 @@ def run_metrics(probe_curve: Sequence[Mapping[str, float]], evaluation: Mapping[
 
 
 def run_one(
-    args: argparse.Namespace, train_flags: Sequence[str], method: str, seed: int, probe: Any,
-    probe_record: Mapping[str, Any], run_dir: str, parsed: tuple[Any, Any, Any], progress: Any,
+    args: argparse.Namespace,
+    train_flags: Sequence[str],
+    method: str,
+    seed: int,
+    probe: Any,
+    probe_record: Mapping[str, Any],
+    run_dir: str,
+    parsed: tuple[Any, Any, Any],
+    progress: Any,
 ) -> dict[str, Any]:
     """Train one (method, seed), probing as it goes, evaluate it, and write and return its `run.json` record."""
     import torch
@@ -835,13 +972,23 @@ def run_one(
         eval_seconds = time.perf_counter() - eval_started
     log_history = _json_safe(trainer.state.log_history)
     record = {
-        "method": method, "label": METHODS[method].label, "seed": seed, "status": "finished", "settings": settings,
-        "steps": steps, "probe_curve": probe_cb.curve, "evaluation": evaluation,
+        "method": method,
+        "label": METHODS[method].label,
+        "seed": seed,
+        "status": "finished",
+        "settings": settings,
+        "steps": steps,
+        "probe_curve": probe_cb.curve,
+        "evaluation": evaluation,
         "metrics": run_metrics(probe_cb.curve, evaluation, log_history, train_seconds, steps),
-        "seconds": {"total": time.perf_counter() - started, "train": train_seconds, "probe": probe_cb.seconds,
-                    "eval": eval_seconds},
+        "seconds": {
+            "total": time.perf_counter() - started,
+            "train": train_seconds,
+            "probe": probe_cb.seconds,
+            "eval": eval_seconds,
+        },
         "log_history": log_history,
-    }  # fmt: skip
+    }
     del trainer
     gc.collect()
     if torch.cuda.is_available():
@@ -851,7 +998,9 @@ def run_one(
 
 
 def summarize(
-    runs: Sequence[Mapping[str, Any]], paired: Sequence[str] | None, description: str,
+    runs: Sequence[Mapping[str, Any]],
+    paired: Sequence[str] | None,
+    description: str,
     initial_probe: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """
@@ -872,9 +1021,10 @@ def summarize(
     }
     if paired and paired[0] in methods and paired[1] in methods:
         summary["paired"] = {
-            "method": paired[0], "baseline": paired[1],
+            "method": paired[0],
+            "baseline": paired[1],
             "differences": paired_differences(runs, paired[0], paired[1], list(SUMMARY_METRICS)),
-        }  # fmt: skip
+        }
     return summary
 
 
@@ -903,14 +1053,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else None
     )
     plan = [(method, seed) for seed in args.seeds for method in args.methods]  # paired runs finish together
-    print(f"Mode split: {len(args.methods)} methods x {len(args.seeds)} seeds = {len(plan)} runs of "
-          f"{args.max_steps} steps -> {args.output_dir}", flush=True)  # fmt: skip
+    print(
+        f"Mode split: {len(args.methods)} methods x {len(args.seeds)} seeds = {len(plan)} runs of "
+        f"{args.max_steps} steps -> {args.output_dir}",
+        flush=True,
+    )
     # Everything parsed and checked before the first model loads.
     parsed = {(m, s): parse_run(train_argv(args, train_flags, m, s, _run_dir(args, m, s))) for m, s in plan}
     first = parsed[plan[0]]
     probe, probe_record = load_or_sample_probe(args, *first)
-    print(f"Probe: {len(probe.completions)} held-out sequences; initial model: " + ", ".join(
-        f"{k} {probe_record['initial'][k]:.4f}" for k in CURVE_METRICS), flush=True)  # fmt: skip
+    print(
+        f"Probe: {len(probe.completions)} held-out sequences; initial model: "
+        + ", ".join(f"{k} {probe_record['initial'][k]:.4f}" for k in CURVE_METRICS),
+        flush=True,
+    )
 
     runs: list[dict[str, Any]] = []
     pending: list[tuple[str, int]] = []
@@ -943,33 +1099,49 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return statistics.fmean(others) if others else 0.0
 
         def progress(
-            step: int, elapsed: float, logs: Mapping[str, Any], method: str = method, seed: int = seed,
+            step: int,
+            elapsed: float,
+            logs: Mapping[str, Any],
+            method: str = method,
+            seed: int = seed,
             index: int = index,
-        ) -> None:  # fmt: skip
+        ) -> None:
             per_step = elapsed / max(step, 1)
             run_left = per_step * (args.max_steps - step)
             rest = sum(estimate(m, per_step) * args.max_steps for m, _ in pending[index + 1 :])
-            print(f"[{_hms(time.perf_counter() - started)}] run {index + 1}/{len(pending)} {method} seed {seed}: "
-                  f"step {step}/{args.max_steps}, reward {logs.get('reward', math.nan):.3f}, zero-std groups "
-                  f"{logs['frac_reward_zero_std']:.2f}, {per_step:.1f} s/step, run ETA {_hms(run_left)}, "
-                  f"all ETA {_hms(run_left + rest)}", flush=True)  # fmt: skip
+            print(
+                f"[{_hms(time.perf_counter() - started)}] run {index + 1}/{len(pending)} {method} seed {seed}: "
+                f"step {step}/{args.max_steps}, reward {logs.get('reward', math.nan):.3f}, zero-std groups "
+                f"{logs['frac_reward_zero_std']:.2f}, {per_step:.1f} s/step, run ETA {_hms(run_left)}, "
+                f"all ETA {_hms(run_left + rest)}",
+                flush=True,
+            )
 
-        print(f"[{_hms(time.perf_counter() - started)}] run {index + 1}/{len(pending)}: {method} seed {seed}",
-              flush=True)  # fmt: skip
-        record = run_one(args, train_flags, method, seed, probe, probe_record, run_dir, parsed[(method, seed)],
-                         progress)  # fmt: skip
+        print(
+            f"[{_hms(time.perf_counter() - started)}] run {index + 1}/{len(pending)}: {method} seed {seed}", flush=True
+        )
+        record = run_one(
+            args, train_flags, method, seed, probe, probe_record, run_dir, parsed[(method, seed)], progress
+        )
         seconds_per_step.setdefault(method, []).append((time.perf_counter() - run_started) / max(record["steps"], 1))
         last = record["probe_curve"][-1]
-        print(f"[{_hms(time.perf_counter() - started)}] done {method} seed {seed} in {_hms(record['seconds']['total'])}"
-              f": probe KL {last['kl_high_entropy_normal']:.4f}, entropy gap {last['entropy_gap']:+.4f} nats, "
-              f"zero-std groups {record['metrics']['train/frac_reward_zero_std']:.2f}", flush=True)  # fmt: skip
+        print(
+            f"[{_hms(time.perf_counter() - started)}] done {method} seed {seed} in {_hms(record['seconds']['total'])}"
+            f": probe KL {last['kl_high_entropy_normal']:.4f}, entropy gap {last['entropy_gap']:+.4f} nats, "
+            f"zero-std groups {record['metrics']['train/frac_reward_zero_std']:.2f}",
+            flush=True,
+        )
         runs.append(record)
         _write_summary(args, runs, probe_record, started, atomic_write_json, atomic_write_text)
 
     summary = _write_summary(args, runs, probe_record, started, atomic_write_json, atomic_write_text)
     print(summary_markdown(summary))
-    print(f"Wrote {args.output_dir}/{SUMMARY_MD}, {SUMMARY_JSON}" + (f", {PLOT_FILE}" if summary["plot"] else "")
-          + f"; wall time this invocation {_hms(time.perf_counter() - started)}", flush=True)  # fmt: skip
+    print(
+        f"Wrote {args.output_dir}/{SUMMARY_MD}, {SUMMARY_JSON}"
+        + (f", {PLOT_FILE}" if summary["plot"] else "")
+        + f"; wall time this invocation {_hms(time.perf_counter() - started)}",
+        flush=True,
+    )
     return summary
 
 
@@ -978,8 +1150,12 @@ def _run_dir(args: argparse.Namespace, method: str, seed: int) -> str:
 
 
 def _write_summary(
-    args: argparse.Namespace, runs: Sequence[Mapping[str, Any]], probe_record: Mapping[str, Any], started: float,
-    write_json: Any, write_text: Any,
+    args: argparse.Namespace,
+    runs: Sequence[Mapping[str, Any]],
+    probe_record: Mapping[str, Any],
+    started: float,
+    write_json: Any,
+    write_text: Any,
 ) -> dict[str, Any]:
     """Summarize the finished runs in plan order and write `summary.json`, `summary.md` and the plot."""
     order = {(m, s): i for i, (m, s) in enumerate((m, s) for m in args.methods for s in args.seeds)}
@@ -991,16 +1167,21 @@ def _write_summary(
         f"{first['training']['num_generations']}, {first['training']['per_device_train_batch_size']} rollouts/step, "
         f"{first['training']['max_completion_length']} tokens; probe {len(probe_record['completions'])} sequences "
         f"every {args.probe_every} steps (nats, T 1); evaluation "
-        + ("off" if args.no_eval else f"{args.eval_limit} arithmetic problems x {args.eval_k} samples per mode at "
-           f"T {args.eval_temperature} (entropy in bits of that distribution)")
-    )  # fmt: skip
+        + (
+            "off"
+            if args.no_eval
+            else f"{args.eval_limit} arithmetic problems x {args.eval_k} samples per mode at "
+            f"T {args.eval_temperature} (entropy in bits of that distribution)"
+        )
+    )
     summary = summarize(ordered, args.paired, description, probe_record.get("initial"))
     summary["runs"] = [
         {"method": r["method"], "seed": r["seed"], "metrics": r["metrics"], "seconds": r["seconds"]} for r in ordered
     ]
     summary["wall_time_s"] = {
-        "this_invocation": time.perf_counter() - started, "runs_total": sum(r["seconds"]["total"] for r in ordered),
-    }  # fmt: skip
+        "this_invocation": time.perf_counter() - started,
+        "runs_total": sum(r["seconds"]["total"] for r in ordered),
+    }
     summary["command"] = " ".join(["python -m policy_split_trl.benchmarks.mode_split", *args.argv])
     summary["plot"] = plot_mode_split(summary["curves"], os.path.join(args.output_dir, PLOT_FILE), summary["labels"])
     write_json(os.path.join(args.output_dir, SUMMARY_JSON), _json_safe(summary))

@@ -3,10 +3,12 @@
 from .backends import SamplingConfig, TransformersBackend, make_backend
 from .checks import EvalConfigError
 from .harness import EvalConfig, GenerationsFileError, evaluate_modes
+from .parser import EvalParser
 
 __all__ = [
     "EvalConfig",
     "EvalConfigError",
+    "EvalParser",
     "GenerationsFileError",
     "SamplingConfig",
     "TransformersBackend",

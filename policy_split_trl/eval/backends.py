@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,9 @@ Messages = list[dict[str, Any]]
 class SamplingConfig:
     """
     Sampling parameters; the defaults are the paper's inference settings (Table 9, Qwen3 thinking mode).
+
+    `policy-split-eval` takes them as flat flags (`--temperature 0.6`), and an evaluation YAML as a `sampling:` mapping
+    or flat keys (see [`~policy_split_trl.eval.parser.EvalParser`]).
 
     Args:
         temperature (`float`, *optional*, defaults to `0.6`):
@@ -42,10 +45,10 @@ class SamplingConfig:
         a float where an integer is needed), NaN or infinite, or out of range; the message names it.
     """
 
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 32768
+    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature, finite and > 0."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling, in (0, 1]."})
+    top_k: int = field(default=20, metadata={"help": "Top-k sampling, an integer >= 0; 0 disables it."})
+    max_new_tokens: int = field(default=32768, metadata={"help": "Longest completion, an integer >= 1."})
 
     def __post_init__(self):
         # Finite and typed: a NaN temperature passes `<= 0` and `inf` new tokens passes `< 1`, and a YAML string
@@ -372,8 +375,14 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, scorer: TransformersBackend, model_path: str, gpu_memory_utilization: float = 0.5,
-                 adapter: str | None = None, max_model_len: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        scorer: TransformersBackend,
+        model_path: str,
+        gpu_memory_utilization: float = 0.5,
+        adapter: str | None = None,
+        max_model_len: int | None = None,
+    ):
         from vllm import LLM
 
         self.scorer = scorer

@@ -113,9 +113,15 @@ class DualModeEvalCallback(TrainerCallback):
         """Run the evaluation now and return the flat metrics (also what gets logged)."""
         modes = self._modes(args)
         config = EvalConfig(
-            model="<in-training>", output_dir="", modes=list(modes), mode_prompts={m: p for m, p in modes.items() if p},
-            k=self.k, sampling=self.sampling, batch_size=self.batch_size, progress=False,
-        )  # fmt: skip
+            model="<in-training>",
+            output_dir="",
+            modes=list(modes),
+            mode_prompts={m: p for m, p in modes.items() if p},
+            k=self.k,
+            sampling=self.sampling,
+            batch_size=self.batch_size,
+            progress=False,
+        )
         problems = {self.problems[0].benchmark: self.problems}
         was_training = model.training
         model.eval()
@@ -129,8 +135,12 @@ class DualModeEvalCallback(TrainerCallback):
         results = compute_results(config, records, problems)
         flat: dict[str, float] = {}
         for mode, m in next(iter(results["per_benchmark"].values())).items():
-            for key, name in (("avg_at_k", "accuracy"), ("pass_at_k", "pass_at_k"), ("entropy_bits", "entropy_bits"),
-                              ("mean_length", "length")):  # fmt: skip
+            for key, name in (
+                ("avg_at_k", "accuracy"),
+                ("pass_at_k", "pass_at_k"),
+                ("entropy_bits", "entropy_bits"),
+                ("mean_length", "length"),
+            ):
                 if not (isinstance(m[key], float) and math.isnan(m[key])):
                     flat[f"{PREFIX}/{mode}/{name}"] = float(m[key])
             if "kl_mode_normal" in m:

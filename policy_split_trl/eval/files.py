@@ -109,9 +109,7 @@ def read_json_file(path: str, what: str, fix: str) -> dict[str, Any] | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DamagedFileError(
-            f"{path} ({what}) is not valid JSON ({error}; cut short or edited?): {fix}."
-        ) from None
+        raise DamagedFileError(f"{path} ({what}) is not valid JSON ({error}; cut short or edited?): {fix}.") from None
     if not isinstance(data, dict):
         raise DamagedFileError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object: {fix}.")
     return data

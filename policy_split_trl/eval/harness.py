@@ -22,8 +22,8 @@ import os
 import platform
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -33,6 +33,9 @@ from ..rewards import arithmetic_reward, math_accuracy_reward, multiple_choice_r
 from .backends import SamplingConfig, Scored, make_backend
 from .checks import (
     EvalConfigError,
+    MappingAction,
+    as_json,
+    as_limit,
     check_bool,
     check_int,
     check_mapping,
@@ -58,6 +61,9 @@ JUDGE_LOCAL_KEYS = ("local_model",)
 class EvalConfig:
     """
     What to evaluate and how; every field is recorded in `results.json`.
+
+    `policy-split-eval` reads it from the command line and a YAML file (`--config eval.yaml`, then flags override any
+    field) with [`~policy_split_trl.eval.parser.EvalParser`]; [`EvalConfig.from_settings`] builds it from a mapping.
 
     Args:
         model (`str`):
@@ -110,25 +116,114 @@ class EvalConfig:
         source file that does not exist or is empty; the message names the field and the fix.
     """
 
-    model: str
-    output_dir: str
-    adapter: str | None = None
-    benchmarks: list[str] = field(default_factory=lambda: ["math500"])
-    sources: dict[str, str] = field(default_factory=dict)
-    limit: int | None = None
-    limits: dict[str, int] = field(default_factory=dict)
-    modes: list[str] = field(default_factory=lambda: [NORMAL_MODE, "high_entropy"])
-    mode_prompts: dict[str, str] = field(default_factory=dict)
-    k: int = 8
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    entropy_temperature: str = "sampling"
-    batch_size: int = 8
-    backend: str = "auto"
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    compute_kl: bool = True
-    judge: dict[str, Any] | None = None
-    progress: bool = True
+    model: str = field(metadata={"help": "Hub id, local folder or `embedded:<name>`."})
+    output_dir: str = field(
+        metadata={"help": "Where generations.jsonl, results.json, results.md and the plots go (a rerun resumes)."}
+    )
+    adapter: str | None = field(default=None, metadata={"help": "A PEFT/LoRA adapter folder on top of `model`."})
+    benchmarks: list[str] = field(
+        default_factory=lambda: ["math500"],
+        metadata={
+            "help": "math500 aime24 aime25 gpqa_diamond mmlu_pro gsm8k creative_writing arithmetic "
+            "(policy_split_trl.eval.benchmarks.BENCHMARKS)."
+        },
+    )
+    sources: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Benchmark -> local file (json, jsonl, parquet, csv) to load instead of the Hub dataset; on the "
+            "command line `--source NAME=FILE` (repeatable) or a JSON object.",
+            "aliases": ["--source"],
+            "action": MappingAction,
+            "metavar": "BENCHMARK=FILE",
+        },
+    )
+    limit: int | None = field(default=None, metadata={"help": "First N problems of each benchmark."})
+    limits: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Benchmark -> first N problems, overriding `limit` for it; on the command line `--limit_for "
+            "NAME=N` (repeatable).",
+            "aliases": ["--limit_for"],
+            "action": MappingAction,
+            "value": as_limit,
+            "metavar": "BENCHMARK=N",
+        },
+    )
+    modes: list[str] = field(
+        default_factory=lambda: [NORMAL_MODE, "high_entropy"],
+        metadata={
+            "help": "Modes to evaluate: normal high_entropy rewritten_high_entropy low_entropy, or names of "
+            "`mode_prompts`."
+        },
+    )
+    mode_prompts: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Extra or overriding mode -> system prompt (e.g. the prompt a model was trained with); on the "
+            "command line `--mode_prompt NAME=TEXT` or `--mode_prompt_file NAME=FILE` (repeatable).",
+            "aliases": ["--mode_prompt"],
+            "action": MappingAction,
+            "metavar": "NAME=TEXT",
+        },
+    )
+    k: int = field(default=8, metadata={"help": "Samples per problem and mode (the paper: 8)."})
+    sampling: SamplingConfig = field(
+        default_factory=SamplingConfig,
+        metadata={
+            "help": "Temperature, top-p, top-k and max new tokens (SamplingConfig; the paper's Table 9 by default): "
+            "the flat flags --temperature, --top_p, --top_k, --max_new_tokens, or `--sampling NAME=VALUE`; a YAML "
+            "`sampling:` mapping or flat keys.",
+            "action": MappingAction,
+            "value": as_json,
+            "metavar": "NAME=VALUE",
+        },
+    )
+    entropy_temperature: str = field(
+        default="sampling",
+        metadata={
+            "help": "`sampling`: entropy and KL of the distribution sampled from (logits / temperature, before "
+            "top-k/top-p); `raw`: of the raw model distribution (T = 1).",
+            "choices": list(ENTROPY_TEMPERATURES),
+        },
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per generate/score call."})
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "`auto` (vLLM if installed and a GPU is present), `transformers` or `vllm`.",
+            "choices": list(BACKENDS),
+        },
+    )
+    chat_template_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Passed to the chat template, e.g. '{\"enable_thinking\": true}' for Qwen3 (a JSON object, or "
+            "NAME=VALUE with JSON values).",
+            "action": MappingAction,
+            "value": as_json,
+            "metavar": "JSON",
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Base seed; each (benchmark, mode, batch) derives its own, so a resumed run samples alike."},
+    )
+    compute_kl: bool = field(
+        default=True,
+        metadata={"help": "Score each non-normal mode's samples under the normal context for KL(pi_mode || pi)."},
+    )
+    judge: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "LLM-as-judge for creative_writing: base_url=URL model=NAME (an OpenAI-compatible endpoint, key "
+            "from POLICY_SPLIT_JUDGE_API_KEY) or local_model=PATH; also --judge_base_url, --judge_model, "
+            "--judge_local_model.",
+            "action": MappingAction,
+            "metavar": "KEY=VALUE",
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
         self.validate()
@@ -159,9 +254,7 @@ class EvalConfig:
         known = {**MODE_PROMPTS, **self.mode_prompts}
         unknown = [m for m in self.modes if m not in known]
         if unknown:
-            raise EvalConfigError(
-                f"Unknown mode(s) {unknown}; known: {sorted(known)} (add yours with mode_prompts)."
-            )
+            raise EvalConfigError(f"Unknown mode(s) {unknown}; known: {sorted(known)} (add yours with mode_prompts).")
         check_int("k", self.k, minimum=1)
         if not isinstance(self.sampling, SamplingConfig):
             raise EvalConfigError(f"sampling must be a SamplingConfig, got {self.sampling!r}.")
@@ -195,6 +288,26 @@ class EvalConfig:
                 "judge scores: add creative_writing, or drop the judge settings."
             )
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> EvalConfig:
+        """
+        The config of a mapping of its fields, as an evaluation YAML, `results.json`'s `config` or a comparison's
+        `evaluation` hold them, with `sampling` a mapping of [`SamplingConfig`] fields (or those as flat keys).
+
+        Raises:
+            [`EvalConfigError`]: an unknown or missing key (named, with the valid ones), or any check of `validate`.
+        """
+        flat = flatten_sampling(settings)
+        valid = [f.name for f in fields(cls) if f.name != "sampling"] + list(SAMPLING_FIELDS)
+        unknown = sorted(set(flat) - set(valid))
+        if unknown:
+            raise EvalConfigError(f"Unknown key(s) {unknown}; valid keys: {valid}.")
+        missing = [name for name in ("model", "output_dir") if name not in flat]
+        if missing:
+            raise EvalConfigError(f"{missing} must be set.")
+        sampling = SamplingConfig(**{name: flat.pop(name) for name in SAMPLING_FIELDS if name in flat})
+        return cls(**flat, sampling=sampling)
+
     @property
     def system_prompts(self) -> dict[str, str | None]:
         known = {**MODE_PROMPTS, **self.mode_prompts}
@@ -203,6 +316,30 @@ class EvalConfig:
     @property
     def score_temperature(self) -> float:
         return self.sampling.temperature if self.entropy_temperature == "sampling" else 1.0
+
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingConfig))
+
+
+def flatten_sampling(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Evaluation settings with their `sampling:` mapping (as YAML files and `results.json` nest it) as flat keys
+    (`temperature`, ...), the form the command line has.
+
+    Raises:
+        [`EvalConfigError`]: `sampling` is not a mapping of [`SamplingConfig`] fields, or sets a key also set flat.
+    """
+    flat = dict(settings)
+    nested = flat.pop("sampling", None)
+    if nested is None:
+        return flat
+    if isinstance(nested, SamplingConfig):
+        nested = asdict(nested)
+    check_mapping("sampling", nested, keys_from=SAMPLING_FIELDS)
+    twice = sorted(set(nested) & set(flat))
+    if twice:
+        raise EvalConfigError(f"{twice} set both under sampling and as flat keys; keep one.")
+    return {**flat, **nested}
 
 
 def _check_source(benchmark: str, source: Any) -> None:
@@ -235,10 +372,17 @@ class GenerationsFileError(DamagedFileError):
 
 # Field -> accepted types of a generations.jsonl record (what `iter_records` writes).
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
-    "benchmark": (str,), "problem_id": (str,), "mode": (str,), "sample": (int,), "kind": (str,),
-    "completion": (str,), "num_tokens": (int,), "correct": (bool, type(None)), "entropy_bits": (list,),
+    "benchmark": (str,),
+    "problem_id": (str,),
+    "mode": (str,),
+    "sample": (int,),
+    "kind": (str,),
+    "completion": (str,),
+    "num_tokens": (int,),
+    "correct": (bool, type(None)),
+    "entropy_bits": (list,),
     "kl_sum": (int, float, type(None)),
-}  # fmt: skip
+}
 
 
 def _fix_line(path: str, line: int) -> str:
@@ -442,12 +586,20 @@ def iter_records(
                         kl_sum = None
                         if normal[i] is not None:
                             kl_sum = sum(a - b for a, b in zip(own[i].logprobs, normal[i].logprobs, strict=True))
-                        records.append({
-                            "benchmark": benchmark, "problem_id": problem.id, "mode": mode, "sample": j,
-                            "kind": problem.kind, "completion": texts[i], "num_tokens": len(flat[i]),
-                            "correct": grades[j], "entropy_bits": [round(e, 4) for e in own[i].entropy_bits],
-                            "kl_sum": kl_sum,
-                        })  # fmt: skip
+                        records.append(
+                            {
+                                "benchmark": benchmark,
+                                "problem_id": problem.id,
+                                "mode": mode,
+                                "sample": j,
+                                "kind": problem.kind,
+                                "completion": texts[i],
+                                "num_tokens": len(flat[i]),
+                                "correct": grades[j],
+                                "entropy_bits": [round(e, 4) for e in own[i].entropy_bits],
+                                "kl_sum": kl_sum,
+                            }
+                        )
                     index += len(group)
                 yield records
                 bar.update(len(records) // config.k)
@@ -515,11 +667,16 @@ def generation_settings(config: EvalConfig) -> dict[str, Any]:
         return os.path.abspath(path) if path and os.path.exists(path) else path
 
     settings = {
-        "model": local(config.model), "adapter": local(config.adapter), "k": config.k,
-        "sampling": asdict(config.sampling), "seed": config.seed, "entropy_temperature": config.entropy_temperature,
-        "chat_template_kwargs": config.chat_template_kwargs, "compute_kl": config.compute_kl,
+        "model": local(config.model),
+        "adapter": local(config.adapter),
+        "k": config.k,
+        "sampling": asdict(config.sampling),
+        "seed": config.seed,
+        "entropy_temperature": config.entropy_temperature,
+        "chat_template_kwargs": config.chat_template_kwargs,
+        "compute_kl": config.compute_kl,
         "system_prompts": config.system_prompts,
-    }  # fmt: skip
+    }
     return json.loads(json.dumps(settings))
 
 
@@ -678,7 +835,8 @@ def creative_metrics(records: list[dict], modes: list[str]) -> dict[str, dict[st
     return out
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Python and the installed versions of the packages that determine the numbers (recorded with every result)."""
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
@@ -772,7 +930,7 @@ def evaluate_modes(config: EvalConfig, backend: Any = None) -> dict[str, Any]:
         else "raw (temperature 1)",
         "temperature": config.score_temperature,
     }
-    results["versions"] = _versions()
+    results["versions"] = package_versions()
     results["generated_this_run"] = generated
     write_outputs(config.output_dir, results, records, config.modes)
     return results
@@ -804,8 +962,11 @@ def _run_judge(
     prompt_text = {p.id: p.prompt[-1]["content"] for items in problems.values() for p in items}
     out = {}
     for mode in config.modes:
-        items = [(prompt_text[r["problem_id"]], r["completion"]) for r in records
-                 if r["kind"] == "creative" and r["mode"] == mode and r["problem_id"] in prompt_text]  # fmt: skip
+        items = [
+            (prompt_text[r["problem_id"]], r["completion"])
+            for r in records
+            if r["kind"] == "creative" and r["mode"] == mode and r["problem_id"] in prompt_text
+        ]
         if items:
             out[mode] = judge_stories(judge, items, progress=config.progress, breaker=breaker)
     return out, judge_status(out, breaker.reason)

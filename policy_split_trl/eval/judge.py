@@ -4,35 +4,33 @@ A judge model scores each story on five rubrics (creativity, originality, narrat
 from 0 to 10 with the paper's prompt ([`JUDGE_PROMPT`]); [`judge_stories`] averages them and scales them to 0-100 as
 in Table 2 (the paper's main judge is GPT-5). Two judges share one interface, `judge.score(prompt, story)`:
 
-- [`OpenAIJudge`]: any OpenAI-compatible `POST {base_url}/chat/completions` endpoint (OpenAI, vLLM, SGLang, ...),
-  with the standard library only;
+- [`OpenAIJudge`]: any OpenAI-compatible `POST {base_url}/chat/completions` endpoint (OpenAI, vLLM, SGLang, TGI,
+  ...), through the official `openai` client (`pip install 'policy-split-trl[judge]'`);
 - [`TransformersJudge`]: a local `transformers` chat model, greedy decoding.
 
 A reply that cannot be parsed, or a request that fails, is counted and reported, never scored 0. A judge that keeps
 failing the same way is stopped by a [`JudgeCircuitBreaker`] instead of being asked about every story: at once on HTTP
-401/403/404 (a wrong key, model or URL: no later call can succeed), after [`JUDGE_MAX_CONSECUTIVE_FAILURES`] stories in a
-row that failed the same way otherwise (the same HTTP status, an unreachable or timing-out endpoint, malformed
-responses, unparseable replies); the reason is returned as `"stopped"`.
+401/403/404 (a wrong key, model or URL: no later call can succeed), after [`JUDGE_MAX_CONSECUTIVE_FAILURES`] stories
+in a row that failed the same way otherwise (the same HTTP status after the client's retries, an unreachable or
+timing-out endpoint, malformed responses, unparseable replies); the reason is returned as `"stopped"`.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
 import os
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import openai
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -326,26 +324,56 @@ class _ChatJudge:
         return JudgeResult(scores=parse_judge_scores(raw), raw=raw)
 
 
-class _NoRedirectHandler(urllib.request.HTTPRedirectHandler):
-    # urllib would resend the Authorization header to wherever a redirect points, possibly another host.
-    def redirect_request(
-        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
-    ) -> None:
-        return None
-
-
-_RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-_MAX_ERROR_BODY_CHARS = 300
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+# Sent without a configured key: the `openai` client requires one, and a server started without keys (vLLM, SGLang,
+# TGI) ignores it. "EMPTY" is vLLM's documented placeholder.
+NO_API_KEY = "EMPTY"
+_MAX_ERROR_BODY_CHARS = 300
+
+
+def _check_base_url(base_url: str) -> str:
+    """The API root without its trailing `/`, or a `ValueError` saying what to pass instead."""
+    root = base_url.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(root)
+    where = "from `base_url=`, --judge_base_url, $POLICY_SPLIT_JUDGE_BASE_URL or $OPENAI_BASE_URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"The judge's base_url {base_url!r} ({where}) is not an http(s) URL: pass the API root, e.g. "
+            f"{DEFAULT_OPENAI_BASE_URL} or http://localhost:8000/v1."
+        )
+    if root.endswith("/chat/completions"):
+        raise ValueError(
+            f"The judge's base_url {base_url!r} ({where}) must end before /chat/completions, which is added to it: "
+            f"pass {root.removesuffix('/chat/completions')!r}."
+        )
+    return root
+
+
+def _message_content(completion: Any) -> str:
+    # The client does not validate responses: a body without `choices` still comes back as a `ChatCompletion`.
+    try:
+        content = completion.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        content = None
+    if isinstance(content, list):  # some servers return the content as a list of typed parts
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str):
+        raise TypeError("no text at choices[0].message.content")
+    return content
 
 
 class OpenAIJudge(_ChatJudge):
     """
-    Judge served by any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, LiteLLM, ...).
+    Judge served by any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, TGI, LiteLLM, ...), called
+    with the official `openai` client (`pip install 'policy-split-trl[judge]'`).
 
-    Uses only the standard library (`urllib`). The API key is sent as `Authorization: Bearer <key>` and never
-    printed, logged, saved, pickled or put in an error message or `repr` (an unpickled judge, e.g. in a worker process,
-    takes the key from the environment again). Redirects are not followed, so the key only ever goes to `base_url`.
+    The client retries a timeout, a connection error and HTTP 408/409/429/5xx at most `max_retries` times, after the
+    server's `Retry-After`, else 0.5 s doubled at each retry (up to 8 s, less up to 25% jitter). Other HTTP errors
+    (401, 404, ...) and a response that is not a chat completion fail at once.
+
+    The API key is sent as `Authorization: Bearer <key>` and never printed, logged, saved, pickled or put in an error
+    message or `repr`: an error body that echoes it is redacted, an unpickled judge (e.g. in a worker process) takes
+    it from the environment again, and a redirect to another host does not carry it (the client drops the header).
 
     Args:
         base_url (`str`, *optional*):
@@ -354,15 +382,12 @@ class OpenAIJudge(_ChatJudge):
         model (`str`, *optional*):
             Judge model name (the paper's main judge is GPT-5). Defaults to `$POLICY_SPLIT_JUDGE_MODEL`; required.
         api_key (`str`, *optional*):
-            Defaults to `$POLICY_SPLIT_JUDGE_API_KEY`, then `$OPENAI_API_KEY`. Without one, no `Authorization`
-            header is sent (e.g. a local vLLM server).
+            Defaults to `$POLICY_SPLIT_JUDGE_API_KEY`, then `$OPENAI_API_KEY`. Without one, the placeholder `"EMPTY"`
+            is sent (a server started without keys, e.g. a local vLLM, ignores it).
         timeout (`float`, *optional*, defaults to `60`):
             Seconds per HTTP request.
         max_retries (`int`, *optional*, defaults to `2`):
-            Retries after a timeout, a connection error, a malformed response or HTTP 408/409/425/429/5xx (other HTTP
-            errors, e.g. 401, fail at once).
-        retry_backoff (`float`, *optional*, defaults to `1.0`):
-            Seconds before the first retry, doubled at each further retry.
+            Retries of a failed request (see above): at most `max_retries + 1` requests a story.
         temperature (`float`, *optional*):
             Sampling temperature; not sent by default (the paper does not give one, and GPT-5 only accepts its
             default).
@@ -380,7 +405,6 @@ class OpenAIJudge(_ChatJudge):
         api_key: str | None = None,
         timeout: float = 60,
         max_retries: int = 2,
-        retry_backoff: float = 1.0,
         temperature: float | None = None,
         max_tokens: int | None = None,
         extra_body: dict[str, Any] | None = None,
@@ -394,20 +418,35 @@ class OpenAIJudge(_ChatJudge):
         model = model or os.environ.get("POLICY_SPLIT_JUDGE_MODEL")
         if not model:
             raise ValueError("No judge model: pass `model=` or set the POLICY_SPLIT_JUDGE_MODEL environment variable.")
-        if max_retries < 0:
-            raise ValueError(f"`max_retries` must be >= 0, got {max_retries}.")
-        self.base_url = base_url.rstrip("/")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"`max_retries` must be an integer >= 0, got {max_retries!r}.")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"`timeout` must be a number of seconds > 0, got {timeout!r}.")
+        self.base_url = _check_base_url(base_url)
         self.model = model
         self.timeout = timeout
         self.max_retries = max_retries
-        self.retry_backoff = retry_backoff
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.extra_body = dict(extra_body or {})
         self._api_key = (
             api_key or os.environ.get("POLICY_SPLIT_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
         )
-        self._opener = urllib.request.build_opener(_NoRedirectHandler)
+        self._client = self._make_client()
+
+    def _make_client(self) -> openai.OpenAI:
+        # Imported here: parsing, aggregation and the local judge do not need `openai`.
+        try:
+            import openai
+        except ImportError as error:
+            raise ImportError(
+                "The endpoint judge (judge base_url/model, --judge_base_url, OpenAIJudge) needs the `openai` client: "
+                "pip install 'policy-split-trl[judge]'. A local judge (judge local_model) does not."
+            ) from error
+        api_key = self._api_key or NO_API_KEY
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=api_key, timeout=self.timeout, max_retries=self.max_retries
+        )
 
     @property
     def url(self) -> str:
@@ -418,76 +457,48 @@ class OpenAIJudge(_ChatJudge):
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, api_key={key})"
 
     def __getstate__(self) -> dict[str, Any]:
-        # A pickled judge (e.g. sent to a worker process) must not carry the key to disk; the opener cannot pickle.
+        # A pickled judge (e.g. sent to a worker process) must not carry the key to disk; the client holds it too.
         state = self.__dict__.copy()
         state["_api_key"] = None
-        state.pop("_opener", None)
+        state.pop("_client", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._api_key = os.environ.get("POLICY_SPLIT_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
-        self._opener = urllib.request.build_opener(_NoRedirectHandler)
+        self._client = self._make_client()
 
-    def _redact(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return text
-
-    def _request(self, body: bytes) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with self._opener.open(request, timeout=self.timeout) as response:
-            return json.loads(response.read().decode("utf-8"))
+    def _failure(self, error: str, kind: str) -> JudgeRequestError:
+        if self._api_key:  # a server may echo the key in its error body
+            error = error.replace(self._api_key, "***")
+        logger.warning("Judge call failed: %s", error)
+        return JudgeRequestError(error, kind)
 
     def _complete(self, messages: list[dict[str, str]]) -> str:
-        payload: dict[str, Any] = {"model": self.model, "messages": messages}
-        if self.temperature is not None:
-            payload["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            payload["max_tokens"] = self.max_tokens
-        payload.update(self.extra_body)
-        body = json.dumps(payload).encode("utf-8")
+        import openai
 
-        error, kind = "no attempt made", "error"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.retry_backoff * 2 ** (attempt - 1))
-            retryable = True
-            try:
-                return _message_content(self._request(body))
-            except urllib.error.HTTPError as exc:
-                # Only the status and a bit of the body: the body may help (e.g. "model not found"), headers never.
-                try:
-                    detail = exc.read().decode("utf-8", errors="replace")[:_MAX_ERROR_BODY_CHARS]
-                except (OSError, http.client.HTTPException):
-                    detail = ""
-                error = f"HTTP {exc.code} from {self.url}" + (f": {detail}" if detail else "")
-                kind, retryable = f"HTTP {exc.code}", exc.code in _RETRYABLE_STATUS
-            except urllib.error.URLError as exc:
-                error, kind = f"cannot reach {self.url}: {exc.reason}", "unreachable"
-            except OSError as exc:  # timeouts and dropped connections
-                error = f"request to {self.url} failed: {type(exc).__name__}: {exc}"
-                kind = "timeout" if isinstance(exc, TimeoutError) else f"connection error ({type(exc).__name__})"
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                error, kind = f"malformed response from {self.url}: {type(exc).__name__}: {exc}", "malformed response"
-            error = self._redact(error)
-            logger.warning("Judge call %d/%d failed: %s", attempt + 1, self.max_retries + 1, error)
-            if not retryable:
-                break
-        raise JudgeRequestError(error, kind)
-
-
-def _message_content(response: dict[str, Any]) -> str:
-    content = response["choices"][0]["message"]["content"]
-    # Some servers return the content as a list of typed parts.
-    if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if not isinstance(content, str):
-        raise TypeError("the reply has no text content")
-    return content
+        options = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        options = {key: value for key, value in options.items() if value is not None}
+        # `from None` throughout: the client's exceptions hold the request, and so its headers.
+        try:
+            completion = self._client.chat.completions.create(
+                model=self.model, messages=messages, extra_body=self.extra_body or None, **options
+            )
+        except openai.APIStatusError as exc:  # not retried, or still failing after the retries
+            # Only the status and a bit of the body: the body may help (e.g. "model not found"), headers never.
+            detail = exc.response.text.strip()[:_MAX_ERROR_BODY_CHARS]
+            error = f"HTTP {exc.status_code} from {self.url}" + (f": {detail}" if detail else "")
+            raise self._failure(error, f"HTTP {exc.status_code}") from None
+        except openai.APITimeoutError:  # a subclass of APIConnectionError
+            raise self._failure(f"no reply from {self.url} within {self.timeout} s", "timeout") from None
+        except openai.APIConnectionError as exc:
+            raise self._failure(f"cannot reach {self.url}: {exc.__cause__ or exc}", "unreachable") from None
+        except ValueError as exc:  # the body is not JSON
+            raise self._failure(f"malformed response from {self.url}: {exc}", "malformed response") from None
+        try:
+            return _message_content(completion)
+        except TypeError as exc:
+            raise self._failure(f"malformed response from {self.url}: {exc}", "malformed response") from None
 
 
 class TransformersJudge(_ChatJudge):
@@ -617,8 +628,10 @@ class JudgeCircuitBreaker:
     """
 
     def __init__(self, max_consecutive_failures: int = JUDGE_MAX_CONSECUTIVE_FAILURES):
-        if isinstance(max_consecutive_failures, bool) or not isinstance(max_consecutive_failures, int) or (
-            max_consecutive_failures < 1
+        if (
+            isinstance(max_consecutive_failures, bool)
+            or not isinstance(max_consecutive_failures, int)
+            or (max_consecutive_failures < 1)
         ):
             raise ValueError(f"max_consecutive_failures must be an integer >= 1, got {max_consecutive_failures!r}.")
         self.max_consecutive_failures = max_consecutive_failures

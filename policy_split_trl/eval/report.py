@@ -54,7 +54,7 @@ def benchmark_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def comparison_markdown(results: dict[str, Any]) -> str:
+def table5_markdown(results: dict[str, Any]) -> str:
     """Table 5 layout: |dAcc|, |dEnt|, |dLen| between each mode and the normal mode, and KL(pi_mode || pi)."""
     rows = [(b, mode, c) for b, modes in results.get("comparisons", {}).items() for mode, c in modes.items()]
     if not rows:
@@ -109,7 +109,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     for title, table in (
         ("Accuracy and entropy (Table 1 layout)", table1_markdown(results)),
         ("Per benchmark and mode", benchmark_markdown(results)),
-        ("Dual-mode comparison (Table 5 layout)", comparison_markdown(results)),
+        ("Dual-mode comparison (Table 5 layout)", table5_markdown(results)),
         ("Creative writing (Table 2 layout)", creative_markdown(results)),
     ):
         if table:
@@ -152,8 +152,9 @@ def plot_accuracy_vs_entropy(results: dict[str, Any], path: str) -> str | None:
     markers = "osD^v<>"
     for i, (mode, mode_points) in enumerate(points.items()):
         if mode_points:
-            ax.scatter([p[0] for p in mode_points], [p[1] for p in mode_points], marker=markers[i % len(markers)],
-                       label=mode)  # fmt: skip
+            ax.scatter(
+                [p[0] for p in mode_points], [p[1] for p in mode_points], marker=markers[i % len(markers)], label=mode
+            )
             for x, y, b in mode_points:
                 ax.annotate(b, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     top = max(y for mode_points in points.values() for _, y, _ in mode_points)

@@ -20,8 +20,9 @@ COMMANDS = "Commands: /mode NAME, /reset, /exit (start a message with // to send
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="policy-split-chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="policy-split-chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="Hub id, local folder or embedded:<name>.")
     p.add_argument("--adapter", help="LoRA adapter folder on top of --model.")
     p.add_argument("--mode", default=NORMAL_MODE, help="Mode to start in.")
@@ -30,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--top_k", type=int, default=20)
     p.add_argument("--chat_template_kwargs", type=json.loads, default={}, help='JSON, e.g. {"enable_thinking": false}')
-    p.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="transformers",
-                   help="vLLM generates whole replies (no token streaming).")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "vllm"],
+        default="transformers",
+        help="vLLM generates whole replies (no token streaming).",
+    )
     return p
 
 
@@ -92,8 +97,12 @@ def cli() -> None:
     model = DualModeModel.from_pretrained(
         args.model, args.adapter, chat_template_kwargs=args.chat_template_kwargs, backend=args.backend
     )
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "top_k": args.top_k}  # fmt: skip
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+    }
     chat(model, args.mode, sampling)
 
 

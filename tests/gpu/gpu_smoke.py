@@ -118,9 +118,13 @@ def qwen3_config(size: str, tokenizer: Any) -> Any:
     if size not in QWEN3_SHAPES:
         raise ValueError(f"Unknown size {size!r}; choose one of {sorted(QWEN3_SHAPES)} (or tiny).")
     return Qwen3Config(
-        **QWEN3_SHAPES[size], **QWEN3_COMMON, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )  # fmt: skip
+        **QWEN3_SHAPES[size],
+        **QWEN3_COMMON,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
 
 
 def save_random_qwen3(size: str, folder: str, cuda: bool) -> str:
@@ -223,22 +227,34 @@ def check_colocate(ctx: SmokeContext) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     from policy_split_trl import PolicySplitGRPOConfig, PolicySplitGRPOTrainer
-    from policy_split_trl import trainer as trainer_module
+    from policy_split_trl.contexts import expand_contexts as expand  # the rows a loss pass trains: both contexts
     from policy_split_trl.modes import high_entropy_rows
 
-    # The trainer is moving to one row per rollout that carries both contexts; `expand_contexts` gives the rows a
-    # loss pass trains (both contexts). Before that change the batch already is those rows.
-    expand = getattr(trainer_module, "expand_contexts", lambda batch: batch)
     use_vllm = ctx.cuda and vllm_installed()
     group, num_he, per_device, accumulation = 4, 2, 4, 2
     args = PolicySplitGRPOConfig(
-        output_dir=os.path.join(ctx.output_dir, "runs", "colocate"), per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation, num_generations=group, num_high_entropy_generations=num_he,
-        max_completion_length=32 if ctx.cuda else 12, max_steps=2, learning_rate=PAPER_LEARNING_RATE,
-        bf16=True, use_cpu=not ctx.cuda, gradient_checkpointing=True, model_init_kwargs={"dtype": "float32"},
-        use_vllm=use_vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.15, vllm_max_model_length=1024,
-        loss_type="dapo", logging_steps=1, report_to="none", save_strategy="no", seed=0,
-    )  # fmt: skip
+        output_dir=os.path.join(ctx.output_dir, "runs", "colocate"),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        num_generations=group,
+        num_high_entropy_generations=num_he,
+        max_completion_length=32 if ctx.cuda else 12,
+        max_steps=2,
+        learning_rate=PAPER_LEARNING_RATE,
+        bf16=True,
+        use_cpu=not ctx.cuda,
+        gradient_checkpointing=True,
+        model_init_kwargs={"dtype": "float32"},
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.15,
+        vllm_max_model_length=1024,
+        loss_type="dapo",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+    )
     trl_batches, sent, received, rows = [], [], [], []
     trl_generate_and_score = GRPOTrainer._generate_and_score_completions
 
@@ -414,9 +430,12 @@ def check_lora_dual_mode(ctx: SmokeContext) -> dict[str, Any]:
     messages = [{"role": "user", "content": "1 + 1 ="}]
     replies = {mode: model.generate(messages, mode, max_new_tokens=8) for mode in model.modes}
     return {
-        "backend": backend_name, "lora_rank": LORA_RANK, "skipped": skipped, "modes": sorted(replies),
+        "backend": backend_name,
+        "lora_rank": LORA_RANK,
+        "skipped": skipped,
+        "modes": sorted(replies),
         "ok": sorted(replies) == ["high_entropy", "normal"] and all(isinstance(r, str) for r in replies.values()),
-    }  # fmt: skip
+    }
 
 
 # ---------------------------------------------------------------- 3. a T4-sized vLLM budget
@@ -439,13 +458,18 @@ def check_kv_budget_t4(ctx: SmokeContext) -> dict[str, Any]:
     # vLLM on a T4 only when asked (automatically it is transformers there): the tightest budget the notebook allows.
     settings = runtime_settings(T4_MEMORY_GIB, T4_CAPABILITY, prompt, completion, True, **footprint)
     result: dict[str, Any] = {
-        "emulated_gib": T4_MEMORY_GIB, "compute_capability": list(T4_CAPABILITY), "max_prompt_length": prompt,
-        "max_completion_length": completion, "max_num_seqs": num_seqs, "auto_use_vllm": auto.use_vllm,
-        "auto_reason": auto.reason, "dtype": settings.dtype,
+        "emulated_gib": T4_MEMORY_GIB,
+        "compute_capability": list(T4_CAPABILITY),
+        "max_prompt_length": prompt,
+        "max_completion_length": completion,
+        "max_num_seqs": num_seqs,
+        "auto_use_vllm": auto.use_vllm,
+        "auto_reason": auto.reason,
+        "dtype": settings.dtype,
         "vllm_gpu_memory_utilization": settings.vllm_gpu_memory_utilization,
         "vllm_max_model_length": settings.vllm_max_model_length,
         "kv_cache_gib_per_max_length_sequence": round(kv_bytes * settings.vllm_max_model_length / 2**30, 3),
-    }  # fmt: skip
+    }
     consistent = settings.vllm_max_model_length == prompt + completion and settings.fp16 and not settings.bf16
     if not (ctx.cuda and vllm_installed()):
         return {**result, "settings_consistent": consistent, "ok": consistent, "skipped": ["vllm start (GPU)"]}
@@ -456,10 +480,15 @@ def check_kv_budget_t4(ctx: SmokeContext) -> dict[str, Any]:
     # The same absolute budget as on the 15 GiB card: vLLM sizes its KV cache from utilization x total memory.
     result["gpu_memory_utilization_here"] = round(settings.vllm_gpu_memory_utilization * T4_MEMORY_GIB / total_gib, 4)
     llm = LLM(
-        model=ctx.model("0.6b"), gpu_memory_utilization=result["gpu_memory_utilization_here"],
-        max_model_len=settings.vllm_max_model_length, max_num_seqs=num_seqs, max_num_batched_tokens=4096,
-        logprobs_mode="processed_logprobs", dtype=settings.dtype, seed=0,  # TRL's colocate arguments
-    )  # fmt: skip
+        model=ctx.model("0.6b"),
+        gpu_memory_utilization=result["gpu_memory_utilization_here"],
+        max_model_len=settings.vllm_max_model_length,
+        max_num_seqs=num_seqs,
+        max_num_batched_tokens=4096,
+        logprobs_mode="processed_logprobs",
+        dtype=settings.dtype,
+        seed=0,  # TRL's colocate arguments
+    )
     outputs = llm.generate([{"prompt_token_ids": [3, 4, 5]}], SamplingParams(max_tokens=8), use_tqdm=False)
     cache = getattr(llm.llm_engine, "vllm_config", None)
     cache = getattr(cache, "cache_config", None)
@@ -513,27 +542,41 @@ def check_memory(ctx: SmokeContext) -> dict[str, Any]:
         with torch.device("cuda" if cuda else "cpu"):  # float32 weights, bf16 autocast: the recipes' DDP setting
             model = build_model(tokenizer) if ctx.tiny else Qwen3ForCausalLM(qwen3_config(size, tokenizer))
         common = {
-            "output_dir": os.path.join(ctx.output_dir, "runs", f"memory_{variant}"), "max_steps": 2,
-            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": 1, "num_generations": 2,
-            "max_completion_length": length, "learning_rate": PAPER_LEARNING_RATE, "bf16": True, "use_cpu": not cuda,
-            "gradient_checkpointing": True, "loss_type": "dapo", "logging_steps": 1, "report_to": "none",
-            "save_strategy": "no", "seed": 0,
-        }  # fmt: skip
+            "output_dir": os.path.join(ctx.output_dir, "runs", f"memory_{variant}"),
+            "max_steps": 2,
+            "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": 1,
+            "num_generations": 2,
+            "max_completion_length": length,
+            "learning_rate": PAPER_LEARNING_RATE,
+            "bf16": True,
+            "use_cpu": not cuda,
+            "gradient_checkpointing": True,
+            "loss_type": "dapo",
+            "logging_steps": 1,
+            "report_to": "none",
+            "save_strategy": "no",
+            "seed": 0,
+        }
         trainer_class, config_class = (
             (GRPOTrainer, GRPOConfig) if variant == "grpo" else (PolicySplitGRPOTrainer, PolicySplitGRPOConfig)
         )
         trainer = trainer_class(
-            model=model, reward_funcs=[token_reward], args=config_class(**common, **settings),
-            train_dataset=arithmetic_dataset(8), processing_class=tokenizer,
-        )  # fmt: skip
+            model=model,
+            reward_funcs=[token_reward],
+            args=config_class(**common, **settings),
+            train_dataset=arithmetic_dataset(8),
+            processing_class=tokenizer,
+        )
         peak = PeakMemory()
         trainer.add_callback(peak)
         with fake_generation(length, len(SPECIAL_TOKENS), len(tokenizer)):
             trainer.train()
         out = {
-            "steps": trainer.state.global_step, "loss_finite": finite_losses(trainer.state.log_history),
+            "steps": trainer.state.global_step,
+            "loss_finite": finite_losses(trainer.state.log_history),
             "sec_per_step": [round(s, 2) for s in peak.seconds],
-        }  # fmt: skip
+        }
         if cuda:  # the last step: optimizer states exist, nothing is allocated for the first time
             out.update(peak_gib=round(peak.peak[-1], 2), activation_gib=round(peak.peak[-1] - peak.start[-1], 2))
         del trainer, model
@@ -546,9 +589,13 @@ def check_memory(ctx: SmokeContext) -> dict[str, Any]:
         "policy_split_bonus_from_scoring_pass": run("policy_split_low_memory", bonus_from_loss_pass=False),
     }
     result: dict[str, Any] = {
-        "shapes": size, "per_device_train_batch_size": per_device, "completion_tokens": length,
-        "precision": "float32 weights, bf16 autocast", "target_ratio": target, "runs": runs,
-    }  # fmt: skip
+        "shapes": size,
+        "per_device_train_batch_size": per_device,
+        "completion_tokens": length,
+        "precision": "float32 weights, bf16 autocast",
+        "target_ratio": target,
+        "runs": runs,
+    }
     completed = all(r["steps"] == 2 and r["loss_finite"] for r in runs.values())
     if not cuda:
         return {**result, "ok": completed, "skipped": ["peak CUDA memory (GPU)"]}
@@ -594,8 +641,11 @@ def run_check(name: str, ctx: SmokeContext) -> dict[str, Any]:
     try:
         result = CHECK_FUNCTIONS[name](ctx)
     except Exception as error:  # noqa: BLE001 - reported as the check's result
-        result = {"ok": False, "error": f"{type(error).__name__}: {str(error)[:500]}",
-                  "traceback": traceback.format_exc()[-1500:]}  # fmt: skip
+        result = {
+            "ok": False,
+            "error": f"{type(error).__name__}: {str(error)[:500]}",
+            "traceback": traceback.format_exc()[-1500:],
+        }
     result["device"] = "cuda" if ctx.cuda else "cpu"
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
@@ -603,8 +653,18 @@ def run_check(name: str, ctx: SmokeContext) -> dict[str, Any]:
 
 def run_isolated(name: str, ctx: SmokeContext, timeout_s: float | None = None) -> dict[str, Any]:
     """Run one check in a fresh process (its own CUDA context and vLLM engine); its output goes to logs/<name>.log."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--checks", name, "--child", "--output_dir", ctx.output_dir,
-           "--size", "tiny" if ctx.tiny else "real", *([] if ctx.cuda else ["--cpu"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--checks",
+        name,
+        "--child",
+        "--output_dir",
+        ctx.output_dir,
+        "--size",
+        "tiny" if ctx.tiny else "real",
+        *([] if ctx.cuda else ["--cpu"]),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log_path = os.path.join(ctx.output_dir, "logs", f"{name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -624,8 +684,13 @@ def run_isolated(name: str, ctx: SmokeContext, timeout_s: float | None = None) -
     if lines:
         return parse_result_line(lines[-1])[1]
     reason = f"timed out after {timeout_s:g} s" if returncode is None else f"exited with {returncode}, no RESULT line"
-    return {"ok": False, "error": reason, "log": log_path, "tail": output[-1500:],
-            "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    return {
+        "ok": False,
+        "error": reason,
+        "log": log_path,
+        "tail": output[-1500:],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def run_checks(names: list[str], ctx: SmokeContext, isolate: bool, record: bool = True) -> dict[str, dict[str, Any]]:
@@ -638,8 +703,10 @@ def run_checks(names: list[str], ctx: SmokeContext, isolate: bool, record: bool 
         print(result_line(name, result), flush=True)
         if record:
             with open(os.path.join(ctx.output_dir, "results.jsonl"), "a") as f:
-                f.write(json.dumps({"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result},
-                                   default=str) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps({"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}, default=str)
+                    + "\n"
+                )
     return results
 
 
