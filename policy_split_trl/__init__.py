@@ -1,5 +1,6 @@
 """Policy Split (arXiv 2604.11510) for TRL: dual-mode, entropy-regularized GRPO."""
 
+from .asym_grpo import AsymGRPOConfig, AsymGRPOTrainer
 from .baselines import (
     ClipCovGRPOConfig,
     ClipCovGRPOTrainer,
@@ -11,7 +12,7 @@ from .baselines import (
 from .config import PolicySplitGRPOConfig
 from .diagnostics import plot_mode_diagnostics
 from .eta_control import EtaControllerCallback, adaptive_eta_update
-from .methods import METHODS, MethodConfig, apply_method
+from .methods import METHODS, AsymPolicySplitGRPOTrainer, MethodConfig, apply_method, trainer_class
 from .modes import (
     HIGH_ENTROPY_MODE,
     HIGH_ENTROPY_SYSTEM_PROMPT,
@@ -22,6 +23,7 @@ from .modes import (
     apply_mode,
     apply_system_prompt,
 )
+from .polarity import PolarityReweightingGRPOConfig, PolarityReweightingGRPOTrainer
 from .trainer import PolicySplitGRPOTrainer
 from .version import __version__ as __version__  # re-exported: `policy_split_trl.__version__`
 
@@ -33,6 +35,9 @@ __all__ = [
     "MODE_PROMPTS",
     "NORMAL_MODE",
     "REWRITTEN_HIGH_ENTROPY_SYSTEM_PROMPT",
+    "AsymGRPOConfig",
+    "AsymGRPOTrainer",
+    "AsymPolicySplitGRPOTrainer",
     "ClipCovGRPOConfig",
     "ClipCovGRPOTrainer",
     "EntropyAdvantageGRPOConfig",
@@ -41,6 +46,8 @@ __all__ = [
     "EntropyDrivenAdvantageGRPOTrainer",
     "EtaControllerCallback",
     "MethodConfig",
+    "PolarityReweightingGRPOConfig",
+    "PolarityReweightingGRPOTrainer",
     "PolicySplitGRPOConfig",
     "PolicySplitGRPOTrainer",
     "adaptive_eta_update",
@@ -48,4 +55,5 @@ __all__ = [
     "apply_mode",
     "apply_system_prompt",
     "plot_mode_diagnostics",
+    "trainer_class",
 ]

@@ -7,6 +7,8 @@ detached quantities), so the trainer only orchestrates.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Below this group std the bonus is treated as constant and normalizes to 0 (no NaN/inf from a zero std).
@@ -508,3 +510,300 @@ def clip_cov_selection(
     pick = index[torch.randperm(len(index), generator=generator)[:num].to(index.device)]
     selected[pick[:, 0], pick[:, 1]] = True
     return selected
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# AsymGRPO (Gu et al. 2026, arXiv 2604.04894; the v1 formula, SEED_METHODS §A.2). Its trainer is in
+# `policy_split_trl.asym_grpo`.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rollout_success(
+    rewards_per_func: torch.Tensor,
+    reward_weights: torch.Tensor,
+    threshold: float = 0.5,
+    correctness_index: int | None = None,
+) -> torch.Tensor:
+    """
+    Binary correctness of each rollout, AsymGRPO's `r_i` in `{0, 1}`: `1` where the reward is `>= threshold`.
+
+    The reward is the column `correctness_index` of `rewards_per_func` (a 0/1 verifier is unchanged by a threshold in
+    `(0, 1]`), or, without it, TRL's combined reward `sum_j w_j r_ij` over the functions that scored the rollout
+    (`nansum`). A rollout that no function could score (all NaN; with `correctness_index`, a NaN in that column) is
+    unscorable: NaN.
+
+    Args:
+        rewards_per_func (`torch.Tensor`):
+            Shape `(N, F)`: TRL's rewards, NaN where a function returned `None`.
+        reward_weights (`torch.Tensor`):
+            Shape `(F,)`: TRL's `reward_weights`.
+        threshold (`float`, *optional*, defaults to `0.5`):
+            A reward at or above it counts as correct.
+        correctness_index (`int`, *optional*):
+            The column of the 0/1 verifier. `None`: the weighted combined reward.
+
+    Returns:
+        `torch.Tensor`: shape `(N,)`, float32, values `0.`, `1.` or NaN.
+    """
+    rewards_per_func = rewards_per_func.to(torch.float64)
+    if correctness_index is None:
+        reward = (rewards_per_func * reward_weights.to(rewards_per_func).unsqueeze(0)).nansum(dim=1)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    else:
+        reward = rewards_per_func[:, correctness_index]
+        unscorable = torch.isnan(reward)
+    success = (reward >= threshold).to(torch.float32)
+    return torch.where(unscorable, torch.full_like(success, float("nan")), success)
+
+
+def asym_group_advantages(
+    success: torch.Tensor,
+    group_size: int,
+    beta_pos: float,
+    beta_neg: float,
+    match_grpo_scale: bool = False,
+    max_abs: float | None = None,
+) -> torch.Tensor:
+    r"""
+    AsymGRPO's advantage (SEED_METHODS §A.2.4): GRPO's advantage written as a function of the group success rate `p`,
+    with a separate exponent for each outcome channel,
+
+    $$A_i = \left(\frac{1-p}{p}\right)^{\beta_{pos}} \text{ if } r_i = 1, \qquad
+      A_i = -\left(\frac{p}{1-p}\right)^{\beta_{neg}} \text{ if } r_i = 0,$$
+
+    `p = k / n`, `k` the correct and `n` the scorable rollouts of the group. `beta_pos = beta_neg = 0.5` is GRPO with
+    the population std; `match_grpo_scale=True` multiplies by `sqrt((n - 1) / n)`, which makes it TRL's GRPO (Bessel std)
+    up to TRL's `+1e-4` in the denominator. All-equal groups (`p` 0 or 1) and groups without a scorable rollout give 0
+    everywhere, also at `beta = 0` (±1 only in mixed groups: the paper's "REINFORCE" baseline, SEED_METHODS §A.5.5);
+    unscorable rollouts (NaN) are left out of `p` and get 0. The group advantages sum to 0 only at `p = 1/2` or both
+    exponents 0.5. No renormalisation (§A.2.6).
+
+    Args:
+        success (`torch.Tensor`):
+            Shape `(N,)`: `1.` (correct), `0.` (wrong) or NaN (unscorable); consecutive groups of `group_size` (all
+            processes' rollouts: never a local slice, where a group may be cut).
+        group_size (`int`):
+            `G`.
+        beta_pos (`float`):
+            Exponent `>= 0` of the positive channel (paper: 0.9).
+        beta_neg (`float`):
+            Exponent `>= 0` of the negative channel (paper: 0.4).
+        match_grpo_scale (`bool`, *optional*, defaults to `False`):
+            Multiply by `sqrt((n - 1) / n)` (TRL's finite-`G` std factor).
+        max_abs (`float`, *optional*):
+            Clamp to `[-max_abs, max_abs]`. `None` (default, as the paper): no clamp.
+
+    Returns:
+        `torch.Tensor`: shape `(N,)`, float32.
+    """
+    if success.numel() % group_size:
+        raise ValueError(f"{success.numel()} rollouts do not form whole groups of {group_size}.")
+    grouped = success.to(torch.float64).view(-1, group_size)
+    valid = ~torch.isnan(grouped)
+    if not ((grouped[valid] == 0) | (grouped[valid] == 1)).all():
+        raise ValueError("success must hold 0., 1. or NaN (unscorable); threshold the rewards first.")
+    correct = valid & (grouped == 1)
+    n = valid.sum(dim=1, keepdim=True).to(torch.float64)
+    p = correct.sum(dim=1, keepdim=True) / n.clamp(min=1.0)
+    mixed = (p > 0) & (p < 1)
+    q = torch.where(mixed, p, torch.full_like(p, 0.5))  # any value in (0, 1): degenerate groups are zeroed below
+    advantages = torch.where(correct, ((1 - q) / q) ** beta_pos, -((q / (1 - q)) ** beta_neg))
+    advantages = torch.where(mixed & valid, advantages, torch.zeros_like(advantages))
+    if match_grpo_scale:
+        advantages = advantages * ((n - 1).clamp(min=0.0) / n.clamp(min=1.0)).sqrt()
+    if max_abs is not None:
+        advantages = advantages.clamp(-max_abs, max_abs)
+    return advantages.view(-1).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------- entropy polarity
+# After the entropy-polarity idea of arXiv 2605.11775 (SEED_METHODS.md Part B). The per-token quantities (§B.2.1-B.2.2)
+# are standard first-order softmax math; the reweighting rule and its phase signal (§B.2.4) are OUR rule
+# (`polarity_reweighting`), not the paper's PAPO, whose rule is not available.
+
+# Below this |polarity| a token is in neither branch and keeps weight 1 (SEED_METHODS §B.2.4, step 1).
+POLARITY_EPS = 1e-8
+
+
+def sampled_token_contribution(logps: torch.Tensor, entropies: torch.Tensor) -> torch.Tensor:
+    """
+    Sampled-token contribution `S_t = p_t (log p_t + H_t)` (SEED_METHODS §B.2.1), with `p_t = exp(log p_t)`.
+
+    `S_t < 0` exactly when the sampled token is less likely than "typical" (`p_t < exp(-H_t)`).
+
+    Args:
+        logps (`torch.Tensor`):
+            Shape `(B, T)` (or any): log-probability `log p_t` of the sampled token.
+        entropies (`torch.Tensor`):
+            Same shape: entropy `H_t` of the token's distribution.
+
+    Returns:
+        `torch.Tensor`: same shape, in the promoted dtype of the inputs.
+    """
+    return logps.exp() * (logps + entropies)
+
+
+def full_vocab_token_statistics(
+    logits: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """
+    From a chunk of full-vocabulary logits (already divided by the temperature), the per-token `log p` of `labels`,
+    the entropy `H` and the distributional correction `C = sum_v pi_v^2 (log pi_v + H)` (SEED_METHODS §B.2.1), in one
+    `log_softmax` (numerically safe: `pi_v log pi_v` is taken as 0 where `pi_v = 0`, e.g. a `-inf` logit).
+
+    Args:
+        logits (`torch.Tensor`):
+            Shape `(N, V)`. Computed in float32 (float64 kept as float64).
+        labels (`torch.Tensor`, *optional*):
+            Shape `(N,)`: the sampled tokens. `None`: no `log p`.
+
+    Returns:
+        `tuple`: `(log p or None, H, C)`, each of shape `(N,)`, float32 or float64.
+    """
+    logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    positive = probs > 0
+    safe_log = torch.where(positive, log_probs, torch.zeros_like(log_probs))
+    entropy = -(probs * safe_log).sum(-1)
+    correction = (probs.square() * torch.where(positive, safe_log + entropy.unsqueeze(-1), 0.0)).sum(-1)
+    logps = None if labels is None else log_probs.gather(-1, labels.unsqueeze(-1).long()).squeeze(-1)
+    return logps, entropy, correction
+
+
+def distributional_correction(logits: torch.Tensor) -> torch.Tensor:
+    """
+    State-wise distributional correction `C_t = sum_v pi_t(v)^2 (log pi_t(v) + H_t)` (SEED_METHODS §B.2.1). It equals
+    `Cov_{v ~ pi_t}(pi_t(v), log pi_t(v)) >= 0` (both increase with `pi_t(v)`).
+
+    Args:
+        logits (`torch.Tensor`):
+            Shape `(N, V)`: full-vocabulary logits divided by the temperature.
+
+    Returns:
+        `torch.Tensor`: shape `(N,)`, float32 (float64 for float64 logits).
+    """
+    return full_vocab_token_statistics(logits)[2]
+
+
+def entropy_polarity(advantages: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """
+    Entropy polarity `Pi_t = -A_t D_t` with `D_t = S_t - C_t` (SEED_METHODS §B.2.2): the first-order change of the
+    token's entropy per unit policy-gradient step, `Delta H_t ~ -eta A_t D_t` (tabular softmax, `eta > 0`). `Pi > 0`:
+    the update on this token expands entropy; `Pi < 0`: it contracts it.
+
+    Args:
+        advantages (`torch.Tensor`):
+            Shape `(B,)` (a sequence advantage, broadcast over tokens) or `(B, T)`.
+        direction (`torch.Tensor`):
+            Shape `(B, T)`: `D_t = S_t - C_t`.
+
+    Returns:
+        `torch.Tensor`: shape `(B, T)`.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    return -advantages * direction
+
+
+def polarity_branch_weights(polarity: torch.Tensor, lam: float, eps: float = POLARITY_EPS) -> torch.Tensor:
+    """
+    Two-branch weights of `polarity_reweighting` (our rule, SEED_METHODS §B.2.4 step 3): `omega = 1 + lam` on the
+    expanding branch (`Pi > eps`), `1 - lam` on the contracting branch (`Pi < -eps`), `1` elsewhere (a token with
+    `A = 0` has `Pi = 0`). With `|lam| < 1` every weight is positive, so `A * omega` never flips the sign of `A`.
+
+    Args:
+        polarity (`torch.Tensor`):
+            Shape `(B, T)`: `Pi`.
+        lam (`float`):
+            Branch shift `lambda_k` in `(-1, 1)` (`lambda_max g_k`).
+        eps (`float`, *optional*, defaults to `1e-8`):
+            `|Pi| <= eps` is in neither branch.
+
+    Returns:
+        `torch.Tensor`: shape `(B, T)`, dtype of `polarity`.
+    """
+    branch = (polarity > eps).to(polarity.dtype) - (polarity < -eps).to(polarity.dtype)
+    return 1.0 + lam * branch
+
+
+def pressure_scale(abs_adv_weighted_sum: float, abs_adv_sum: float) -> float:
+    """
+    Global scalar `c` that keeps the total advantage pressure (SEED_METHODS §B.2.4 step 4):
+    `sum |A| c omega m = sum |A| m`, i.e. `c = sum |A| m / sum |A| omega m`, both sums over all tokens of all processes.
+    `1.0` when there is no pressure to conserve (every `A = 0`, or no token).
+
+    Args:
+        abs_adv_weighted_sum (`float`):
+            `sum |A_t| omega_t m_t`.
+        abs_adv_sum (`float`):
+            `sum |A_t| m_t`.
+
+    Returns:
+        `float`: `c > 0`.
+    """
+    if not abs_adv_weighted_sum > 0 or not abs_adv_sum > 0:
+        return 1.0
+    return abs_adv_sum / abs_adv_weighted_sum
+
+
+def polarity_ema(previous: float | None, value: float, decay: float) -> float:
+    """
+    EMA of the batch entropy (SEED_METHODS §B.2.4 step 2): `H~_k = mu H~_{k-1} + (1 - mu) H-_k`, `H~_0 = H-_0`.
+
+    Args:
+        previous (`float` or `None`):
+            `H~_{k-1}`, `None` at the first batch.
+        value (`float`):
+            `H-_k`, the batch's token-mean entropy.
+        decay (`float`):
+            `mu` in `[0, 1)`.
+
+    Returns:
+        `float`: `H~_k`.
+    """
+    return value if previous is None else decay * previous + (1.0 - decay) * value
+
+
+def polarity_phase_level(smoothed_entropy: float, reference: float, gamma: float) -> float:
+    """
+    Level phase signal `g_k = tanh(gamma (H_ref - H~_k) / H_ref)` (SEED_METHODS §B.2.4 step 2), in `(-1, 1)`: positive
+    when the smoothed entropy is below the reference (collapse: favour expansion), negative above it.
+
+    Args:
+        smoothed_entropy (`float`):
+            `H~_k`.
+        reference (`float`):
+            `H_ref > 0` (`rho H-_0`, or an absolute target in nats). `<= 0` gives `0.0` (no signal).
+        gamma (`float`):
+            Gain `gamma > 0`.
+
+    Returns:
+        `float`: `g_k`.
+    """
+    if not reference > 0:
+        return 0.0
+    return math.tanh(gamma * (reference - smoothed_entropy) / reference)
+
+
+def polarity_phase_slope(history: list[float], window: int, reference: float, gamma: float) -> float:
+    """
+    Slope phase signal `g_k = -tanh(gamma (H~_k - H~_{k-W}) / (W H_ref))` (SEED_METHODS §B.2.4 step 2, option
+    "slope"): positive while the smoothed entropy falls. `0.0` until the window is full (`len(history) <= W`).
+
+    Args:
+        history (`list[float]`):
+            `[..., H~_{k-W}, ..., H~_k]`, the latest last.
+        window (`int`):
+            `W >= 1`.
+        reference (`float`):
+            `H_ref > 0`; `<= 0` gives `0.0`.
+        gamma (`float`):
+            Gain.
+
+    Returns:
+        `float`: `g_k`.
+    """
+    if len(history) <= window or not reference > 0:
+        return 0.0
+    return -math.tanh(gamma * (history[-1] - history[-1 - window]) / (window * reference))

@@ -28,7 +28,7 @@ from .advantages import (
     relative_response_entropy,
     response_mean_entropy,
 )
-from .config import check_finite_numbers, resolve_config
+from .config_checks import check_finite_numbers, resolve_config
 from .loss_pass import LossPassAdvantagesMixin, loss_mask, train_or_eval
 from .safety import SafeTrainingMixin
 

@@ -1,67 +1,31 @@
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from transformers import PreTrainedModel
 from trl import GRPOConfig
-from trl.trainer.utils import get_config_model_id
 
+from .asym_grpo import AsymGRPOArguments
+from .config_checks import check_finite_numbers
 from .diagnostics import check_mode_diagnostics
 from .eta_control import ETA_SCHEDULES, check_eta_schedule
 from .modes import HIGH_ENTROPY_SYSTEM_PROMPT
+from .polarity import POLARITY_REWEIGHTING_CONTEXTS, PolarityArguments
 
 ETA_PLACEMENTS = ("inside_clip", "outside_clip")
 LOSS_AGGREGATIONS = ("token_mean", "quarter_token_mean")
-
-# Numeric fields of TRL's and transformers' configs whose value may be +/-inf: bounds where "no bound" is meaningful.
-# Every other number must be finite, and NaN is never accepted.
-INFINITE_OK_FIELDS = frozenset(
-    {
-        "max_grad_norm",
-        "delta",
-        "epsilon_high",
-        "vllm_importance_sampling_clip_max",
-        "vllm_importance_sampling_clip_min",
-        "vllm_importance_sampling_cap",
-        "off_policy_mask_threshold",
-        "edge_max_scale",
-    }
-)
-
-
-def check_finite_numbers(config: Any) -> None:
-    """
-    Reject non-finite numbers in every numeric field of a dataclass config (ours and the TRL/transformers fields it
-    inherits): NaN anywhere, +/-inf outside [`INFINITE_OK_FIELDS`]. A NaN or infinite hyper-parameter (`eta=inf`, a
-    NaN learning rate, an infinite reward weight) would make the first update NaN and poison the weights.
-
-    Raises:
-        `ValueError`: naming the field and its value.
-    """
-    for field_ in dataclasses.fields(config):
-        value = getattr(config, field_.name, None)
-        values = value if isinstance(value, (list, tuple)) else [value]
-        for item in values:
-            if not isinstance(item, float) or math.isfinite(item):
-                continue
-            if math.isinf(item) and field_.name in INFINITE_OK_FIELDS:
-                continue
-            raise ValueError(
-                f"{field_.name} must be a finite number (got {value!r}): a NaN or infinite hyper-parameter makes the "
-                f"first update non-finite. Set {field_.name} to a finite value or leave it at its default."
-            )
+# The correctness advantage A_i that Policy Split builds on: TRL's GRPO (the paper) or AsymGRPO (arXiv 2604.04894).
+BASE_ADVANTAGES = ("grpo", "asym_grpo")
 
 
 @dataclass
-class PolicySplitGRPOConfig(GRPOConfig):
+class PolicySplitGRPOConfig(AsymGRPOArguments, PolarityArguments, GRPOConfig):
     r"""
     Configuration class for the [`PolicySplitGRPOTrainer`].
 
     [`PolicySplitGRPOConfig`] inherits every parameter of [`~trl.GRPOConfig`] and adds the parameters of Policy Split
-    ([arXiv 2604.11510](https://huggingface.co/papers/2604.11510)). Defaults are the paper's (Table 8 / SPEC §3).
+    ([arXiv 2604.11510](https://huggingface.co/papers/2604.11510)). Defaults are the paper's (Table 8 / SPEC §3). It
+    also has the `asym_*` parameters of [`~policy_split_trl.asym_grpo.AsymGRPOArguments`], read with
+    `base_advantage="asym_grpo"`.
 
     Parameters:
         high_entropy_system_prompt (`str`, *optional*, defaults to the paper's prompt, Appendix C.2):
@@ -142,6 +106,17 @@ class PolicySplitGRPOConfig(GRPOConfig):
         mode_diagnostics_prompts (`int`, *optional*, defaults to `8`):
             Prompts of the hidden-state similarity: the first ones of the evaluation dataset, else of the training
             dataset. `0`: no hidden-state similarity.
+        polarity_reweighting (`str`, *optional*, defaults to `"none"`):
+            `polarity_reweighting` (our rule, after the entropy-polarity idea of arXiv 2605.11775; SEED_METHODS
+            §B.2.4, §B.6) on the base term `A_i` of the `"normal"` context, the `"high_entropy"` context, or `"both"`,
+            with one phase controller per context; the bonus's clip stays relative to the unweighted `|A_i|`
+            ([`~policy_split_trl.polarity.PolarityPolicySplitMixin`]). Its settings are the `polarity_*` fields of
+            [`~policy_split_trl.polarity.PolarityArguments`]. `"none"`: Policy Split as in the paper.
+        base_advantage (`str`, *optional*, defaults to `"grpo"`):
+            The correctness advantage `A_i` (Eq. 2) both contexts build on. `"grpo"`: TRL's GRPO advantage (the
+            paper). `"asym_grpo"`: AsymGRPO's (arXiv 2604.04894, settings `asym_*`), from the pooled success rate of
+            both modes' rollouts; the HE bonus is then clipped to `|A_i|/kappa` of the AsymGRPO `A_i`. The trainer
+            class is chosen by [`~policy_split_trl.methods.trainer_class`].
     """
 
     high_entropy_system_prompt: str = field(
@@ -273,10 +248,32 @@ class PolicySplitGRPOConfig(GRPOConfig):
             "dataset's). 0: none."
         },
     )
+    base_advantage: str = field(
+        default="grpo",
+        metadata={
+            "help": "The correctness advantage A_i both contexts build on: 'grpo' (TRL's, the paper) or 'asym_grpo' "
+            "(AsymGRPO, arXiv 2604.04894, settings asym_*; the HE bonus clip is then |A_asym|/kappa).",
+            "choices": list(BASE_ADVANTAGES),
+        },
+    )
+
+    polarity_reweighting: str = field(
+        default="none",
+        metadata={
+            "help": "Our polarity reweighting (after arXiv 2605.11775) of the base advantage A in the 'normal' context, "
+            "the 'high_entropy' context or 'both' (the bonus clip stays relative to the unweighted |A|). 'none': off.",
+            "choices": list(POLARITY_REWEIGHTING_CONTEXTS),
+        },
+    )
 
     def __post_init__(self):
         # Our checks run before GRPOConfig's so that a bad mode split gets the Policy Split message.
         check_finite_numbers(self)
+        if self.polarity_reweighting not in POLARITY_REWEIGHTING_CONTEXTS:
+            raise ValueError(
+                f"polarity_reweighting must be one of {POLARITY_REWEIGHTING_CONTEXTS}, got "
+                f"{self.polarity_reweighting!r}."
+            )
         if not isinstance(self.high_entropy_system_prompt, str) or not self.high_entropy_system_prompt.strip():
             raise ValueError(
                 "high_entropy_system_prompt must be a non-empty string: it is what puts the model in high-entropy "
@@ -293,6 +290,11 @@ class PolicySplitGRPOConfig(GRPOConfig):
             raise ValueError(f"eta must be >= 0 (got {self.eta}); the paper uses eta=0.03, eta=0 disables the bonus.")
         if self.eta_placement not in ETA_PLACEMENTS:
             raise ValueError(f"eta_placement must be one of {ETA_PLACEMENTS}, got {self.eta_placement!r}.")
+        if self.base_advantage not in BASE_ADVANTAGES:
+            raise ValueError(
+                f"base_advantage must be one of {BASE_ADVANTAGES}, got {self.base_advantage!r}: 'grpo' (the paper) or "
+                "'asym_grpo' (AsymGRPO's advantage, settings asym_*)."
+            )
         check_eta_schedule(self)
         check_mode_diagnostics(self)
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
@@ -335,21 +337,3 @@ class PolicySplitGRPOConfig(GRPOConfig):
                 f"{name} must be between 1 and {group_name} - 1 = {group_size - 1} (got {num_high_entropy}): each "
                 "mode needs at least one rollout per query."
             )
-
-
-def resolve_config(model: str | PreTrainedModel, args: GRPOConfig | None, config_class: type, suffix: str) -> Any:
-    """
-    A trainer's `args`: the default config named after the model when `None`, else `args` if it is a `config_class`.
-
-    Raises:
-        `TypeError`: for a config of another class (e.g. a plain `GRPOConfig`), with how to convert it.
-    """
-    if args is None:
-        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-        return config_class(f"{model_name.split('/')[-1]}-{suffix}")
-    if not isinstance(args, config_class):
-        raise TypeError(
-            f"args must be a {config_class.__name__}, got {type(args).__name__}. Build it with the same arguments: "
-            f"{config_class.__name__}(**grpo_config.to_dict()) keeps every GRPO setting."
-        )
-    return args

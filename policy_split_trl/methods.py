@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import GRPOConfig, GRPOTrainer
 
+from .asym_grpo import AsymGRPOConfig, AsymGRPOMixin, AsymGRPOTrainer
 from .baselines import (
     ClipCovGRPOConfig,
     ClipCovGRPOTrainer,
@@ -27,6 +28,12 @@ from .baselines import (
     EntropyDrivenAdvantageGRPOTrainer,
 )
 from .config import PolicySplitGRPOConfig
+from .polarity import (
+    PolarityDiagnosticsMixin,
+    PolarityPolicySplitMixin,
+    PolarityReweightingGRPOConfig,
+    PolarityReweightingGRPOTrainer,
+)
 from .trainer import PolicySplitGRPOTrainer
 
 
@@ -63,6 +70,23 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     dual_mode: bool = False
     reference: str = ""
+
+
+class AsymPolicySplitGRPOTrainer(PolicySplitGRPOTrainer, AsymGRPOMixin):
+    """
+    Policy Split over AsymGRPO (`base_advantage: asym_grpo`): [`PolicySplitGRPOTrainer`] with the correctness
+    advantage `A_i` of [`~policy_split_trl.asym_grpo.AsymGRPOMixin`], from the pooled success rate of both modes'
+    rollouts of a query (SEED_METHODS §A.6).
+
+    The MRO puts the AsymGRPO mixin right before `GRPOTrainer`, so Policy Split's `_generate_and_score_completions`
+    gets the AsymGRPO advantages from `super()` and builds both contexts' advantages on them: normal context `A_i`,
+    HE context `A_i + clip(eta B, -|A_i|/kappa, |A_i|/kappa)` (or the typeset placement). The clip window is relative to
+    the base advantage in use, here the asymmetric `|A_i|` (SEED_METHODS §A.6, watch-out 1: it widens on rare
+    successes of hard prompts, which is the point of both methods), at generation and in the deferred bonus of the
+    loss pass alike.
+    """
+
+    _tag_names: ClassVar[list[str]] = [*PolicySplitGRPOTrainer._tag_names, "asym-grpo"]
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -132,6 +156,32 @@ METHODS: dict[str, MethodSpec] = {
             dual_mode=True,
             reference="arXiv 2604.11510, Table 4: both modes and rollout sharing, no entropy bonus",
         ),
+        # Beyond the paper's comparison: the entropy-guided methods its users compare it with (issue 15).
+        MethodSpec(
+            "asym_grpo",
+            "AsymGRPO",
+            AsymGRPOTrainer,
+            AsymGRPOConfig,
+            defaults={"asym_beta_pos": 0.9, "asym_beta_neg": 0.4},
+            reference="Gu et al. 2026, arXiv 2604.04894 (v1 formula; beta from a secondary reading)",
+        ),
+        MethodSpec(
+            "policy_split_asym_grpo",
+            "Policy Split over AsymGRPO",
+            AsymPolicySplitGRPOTrainer,
+            PolicySplitGRPOConfig,
+            fixed={"base_advantage": "asym_grpo"},
+            defaults={"asym_beta_pos": 0.9, "asym_beta_neg": 0.4},
+            dual_mode=True,
+            reference="Policy Split (arXiv 2604.11510) with AsymGRPO's A_i (arXiv 2604.04894); SEED_METHODS §A.6",
+        ),
+        MethodSpec(
+            "polarity_reweighting",
+            "Polarity reweighting (ours)",
+            PolarityReweightingGRPOTrainer,
+            PolarityReweightingGRPOConfig,
+            reference="Our rule (SEED_METHODS §B.2.4), after the entropy-polarity idea of arXiv 2605.11775; not PAPO",
+        ),
     )
 }
 
@@ -179,6 +229,10 @@ def method_config_class(method: str) -> type:
     return METHODS[method].config
 
 
+# Settings of our own that every method reads: [`trainer_class`] composes the polarity diagnostics onto any trainer.
+EVERY_METHOD_SETTINGS = frozenset({"polarity_diagnostics", "polarity_chunk_tokens"})
+
+
 def inapplicable_settings(method: str, names: Iterable[str]) -> list[str]:
     """
     The settings among `names` that `method`'s trainer never reads: fields [`MethodConfig`] adds for other methods
@@ -196,7 +250,7 @@ def inapplicable_settings(method: str, names: Iterable[str]) -> list[str]:
     """
     grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     method_fields = {f.name for f in dataclasses.fields(method_config_class(method))}
-    extra_fields = {f.name for f in dataclasses.fields(MethodConfig)} - grpo_fields
+    extra_fields = {f.name for f in dataclasses.fields(MethodConfig)} - grpo_fields - EVERY_METHOD_SETTINGS
     return [name for name in names if name in extra_fields and name not in method_fields]
 
 
@@ -305,3 +359,123 @@ def method_settings(method: str, args: Any) -> dict[str, Any]:
     grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     names += [f.name for f in dataclasses.fields(method_config_class(method)) if f.name not in grpo_fields]
     return {name: getattr(args, name) for name in dict.fromkeys(names)}
+
+
+# ------------------------------------------------------------------------------------------------------ compositions
+@dataclass(frozen=True)
+class Composition:
+    """
+    A method stacked on Policy Split by cooperative inheritance, chosen by a setting of the parsed config (e.g.
+    `base_advantage: asym_grpo`). To add one: write its trainer as a mixin whose overrides call `super()`, and append a
+    `Composition` to [`COMPOSITIONS`]; [`trainer_class`] then builds the trainer for any config that asks for it.
+
+    Args:
+        name (`str`):
+            The setting that asks for it, as written in a recipe (for messages and class names).
+        mixin (`type`):
+            Its trainer mixin. By default [`trainer_class`] places it between the Policy Split trainer and
+            `GRPOTrainer`, so Policy Split's hooks see what the mixin made of TRL's (`output["advantages"]` above all).
+        applies (`Callable[[Any], bool]`):
+            Whether a parsed config asks for it.
+        stage (`int`):
+            Where it sits in the pipeline of advantages (SEED_METHODS §B.6): `0` replaces the base advantage `A_i`
+            (computed first, next to `GRPOTrainer`), `1` reweights a base advantage, ... Higher stages wrap lower ones;
+            Policy Split's bonus, clipped relative to `|A_i|` as it reaches Policy Split, comes last.
+        prefix (`str`):
+            Prefix of the composed trainer's class name (`"Asym"` -> `AsymPolicySplitGRPOTrainer`).
+        outside (`bool`, *optional*, defaults to `False`):
+            `True`: placed before the Policy Split trainer instead, so its overrides run around Policy Split's (to
+            read or reweight what Policy Split built). Among themselves such mixins are also ordered by decreasing
+            `stage`.
+    """
+
+    name: str
+    mixin: type
+    applies: Callable[[Any], bool]
+    stage: int
+    prefix: str
+    outside: bool = False
+
+
+COMPOSITIONS: list[Composition] = [
+    Composition(
+        "base_advantage: asym_grpo",
+        AsymGRPOMixin,
+        lambda args: getattr(args, "base_advantage", "grpo") == "asym_grpo",
+        stage=0,
+        prefix="Asym",
+    ),
+    # Around Policy Split: it reweights the base term of the contexts Policy Split built (SEED_METHODS §B.6).
+    Composition(
+        "polarity_reweighting",
+        PolarityPolicySplitMixin,
+        lambda args: getattr(args, "polarity_reweighting", "none") != "none",
+        stage=1,
+        prefix="Polarity",
+        outside=True,
+    ),
+    # Outermost: it reads the advantages every other stage made.
+    Composition(
+        "polarity_diagnostics",
+        PolarityDiagnosticsMixin,
+        lambda args: bool(getattr(args, "polarity_diagnostics", False)),
+        stage=2,
+        prefix="PolarityDiagnostics",
+        outside=True,
+    ),
+]
+
+
+# Composed trainers by (base trainer, their bases but GRPOTrainer): one class per combination, so `type(trainer)` is
+# stable.
+_COMPOSED: dict[tuple[type, tuple[type, ...]], type] = {
+    (PolicySplitGRPOTrainer, (PolicySplitGRPOTrainer, AsymGRPOMixin)): AsymPolicySplitGRPOTrainer,
+}
+
+
+def compose_trainer(base: type, compositions: Iterable[Composition]) -> type:
+    """
+    The trainer class `base` with the mixins of `compositions` stacked on it: bases
+    `(*outside mixins, base, *inside mixins, GRPOTrainer)`, each side ordered by decreasing `stage`, so the base
+    advantage is computed first (next to `GRPOTrainer`) and each later stage, then `base`, builds on the one before.
+    Mixins `base` already inherits are left out; `base` itself when none is left.
+    """
+    ordered = sorted((c for c in compositions if not issubclass(base, c.mixin)), key=lambda c: -c.stage)
+    if not ordered:  # nothing asked for, or `base` has it already (a registry method that is a composition)
+        return base
+    outside = tuple(c.mixin for c in ordered if c.outside)
+    inside = tuple(c.mixin for c in ordered if not c.outside)
+    key = (base, (*outside, base, *inside))
+    if key not in _COMPOSED:
+        name = "".join(c.prefix for c in ordered) + base.__name__
+        doc = f"{base.__name__} with {', '.join(c.name for c in ordered)} (see policy_split_trl.methods.COMPOSITIONS)."
+        _COMPOSED[key] = type(name, (*key[1], GRPOTrainer), {"__module__": __name__, "__doc__": doc})
+    return _COMPOSED[key]
+
+
+def trainer_class(method: str, args: Any) -> type:
+    """
+    The trainer class to build for `method` with the parsed config `args`: the registry's, with the compositions the
+    config asks for (e.g. `base_advantage: asym_grpo` gives [`AsymPolicySplitGRPOTrainer`]) when the method trains
+    with Policy Split. Other methods do not read Policy Split's settings ([`apply_method`] warns about them).
+
+    Args:
+        method (`str`):
+            A key of `METHODS`.
+        args:
+            The run's config (after [`apply_method`]).
+
+    Returns:
+        `type`: a `GRPOTrainer` subclass.
+    """
+    spec = METHODS[method]
+    if not issubclass(spec.trainer, PolicySplitGRPOTrainer):
+        # `polarity_diagnostics` works on every method: a subclass with the diagnostics mixin first.
+        if not getattr(args, "polarity_diagnostics", False) or issubclass(spec.trainer, PolarityDiagnosticsMixin):
+            return spec.trainer
+        key = (spec.trainer, (PolarityDiagnosticsMixin, spec.trainer))
+        if key not in _COMPOSED:
+            name = "PolarityDiagnostics" + spec.trainer.__name__
+            _COMPOSED[key] = type(name, key[1], {"__module__": __name__, "__doc__": f"{name}: polarity_diagnostics."})
+        return _COMPOSED[key]
+    return compose_trainer(spec.trainer, [c for c in COMPOSITIONS if c.applies(args)])

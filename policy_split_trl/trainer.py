@@ -32,7 +32,9 @@ from .advantages import (
     row_token_moments,
     standardize_bonus,
 )
-from .config import PolicySplitGRPOConfig, resolve_config
+from .asym_grpo import AsymGRPOMixin
+from .config import PolicySplitGRPOConfig
+from .config_checks import resolve_config
 from .contexts import (
     HE_KEY_PREFIX,
     HIGH_ENTROPY_CONTEXT,
@@ -112,6 +114,18 @@ class PolicySplitGRPOTrainer(
                     "the other mode's prompt, which a custom rollout or environment may have rewritten."
                 )
         check_eta_schedule(args)  # again: a config may be changed after it is built (e.g. by `apply_method`)
+        if args.polarity_reweighting != "none" and not getattr(self, "_applies_polarity_reweighting", False):
+            raise ValueError(
+                f"polarity_reweighting={args.polarity_reweighting!r} needs the trainer composed with it "
+                "(policy_split_trl.methods.trainer_class, or PolarityPolicySplitMixin); PolicySplitGRPOTrainer alone "
+                "would ignore it. Set polarity_reweighting: none, or train through policy-split-train."
+            )
+        if args.base_advantage != "grpo" and not isinstance(self, AsymGRPOMixin):
+            raise ValueError(
+                f"base_advantage={args.base_advantage!r} needs the trainer composed with it "
+                "(policy_split_trl.methods.trainer_class, e.g. AsymPolicySplitGRPOTrainer); PolicySplitGRPOTrainer "
+                "alone would train on GRPO's A_i. Set base_advantage: grpo, or train through policy-split-train."
+            )
         super().__init__(model, reward_funcs, args=args, **kwargs)
         # The `eta` in force and the adaptive controller's state, saved in and restored from checkpoints.
         self.add_callback(EtaControllerCallback(args.eta))
@@ -308,11 +322,21 @@ class PolicySplitGRPOTrainer(
             advantages = inputs["advantages"]
             if "policy_split_rollout" in inputs:  # the bonus was deferred to this pass
                 advantages = self._bonus_from_loss_pass(inputs, logps.detach())
+            # A weight on the base term (polarity reweighting): after the bonus, whose clip uses the unweighted |A|.
+            advantages = self._weight_base_term(inputs, advantages)
             if "policy_split_loss_weight" in inputs:  # `quarter_token_mean`: after the bonus, whose clip uses |A|
                 weight = inputs["policy_split_loss_weight"]
                 advantages = advantages * (weight.unsqueeze(1) if advantages.dim() == 2 else weight)
             inputs["advantages"] = advantages
         return logps, entropies, aux_loss
+
+    def _weight_base_term(self, inputs: dict[str, Any], advantages: torch.Tensor) -> torch.Tensor:
+        """
+        Hook for a weight on the base term `A_i` of a loss pass's rows, applied after the bonus (SEED_METHODS §B.6):
+        `polarity_reweighting` ([`~policy_split_trl.polarity.PolarityPolicySplitMixin`]) adds `(c omega - 1) A_i`
+        here. Policy Split itself leaves the advantages unchanged.
+        """
+        return advantages
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -31,7 +31,18 @@ from typing import Any
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from policy_split_trl.data import TASK_PROMPTS, looks_like_local_path
-from policy_split_trl.methods import COMMAND_LINE, METHODS, MethodConfig, apply_method, method_settings
+from policy_split_trl.eval.files import atomic_write_json
+from policy_split_trl.methods import (
+    COMMAND_LINE,
+    METHODS,
+    MethodConfig,
+    apply_method,
+    method_settings,
+    trainer_class,
+)
+
+# `{"log_history": trainer.state.log_history}` of a run, written next to its final model.
+LOG_HISTORY_FILE = "log_history.json"
 
 
 @dataclass
@@ -530,7 +541,7 @@ def main(
         if needs_eval
         else None
     )
-    trainer_cls = METHODS[script_args.method].trainer
+    trainer_cls = trainer_class(script_args.method, training_args)  # with the compositions the config asks for
     if not training_args.resume_from_checkpoint and training_args.process_index == 0:
         _warn_if_checkpoints_would_be_overwritten(training_args.output_dir)
     trainer = trainer_cls(
@@ -595,6 +606,11 @@ def main(
                 print(f"Per-mode metrics plot: {plot}")
 
     trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        # Every logged metric of the run next to the model, also without checkpoints (their `trainer_state.json`):
+        # what the comparison's plots and any later analysis read.
+        history = {"log_history": trainer.state.log_history}
+        atomic_write_json(os.path.join(training_args.output_dir, LOG_HISTORY_FILE), history)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)

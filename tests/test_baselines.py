@@ -336,6 +336,9 @@ OWN_METRIC = {
     "policy_split": "policy_split/bonus/abs_mean",
     "policy_split_no_sharing": "policy_split/bonus/abs_mean",
     "grpo_rollout_sharing": "policy_split/bonus/abs_mean",
+    "asym_grpo": "asym/max_abs_adv",
+    "policy_split_asym_grpo": "asym/max_abs_adv",
+    "polarity_reweighting": "polarity_reweighting/lambda",
 }
 
 

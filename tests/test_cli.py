@@ -105,6 +105,26 @@ def test_every_recipe_dry_runs_offline(recipe, capsys, recwarn):
                 "entropy_advantage": {"entropy_advantage_alpha": 0.4, "entropy_advantage_kappa": 2.0},
                 "clip_cov": {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0},
                 "entropy_driven_advantage": {"edge_epsilon": 1e-6, "edge_max_scale": None},
+                "asym_grpo": {
+                    "asym_beta_pos": 0.9,
+                    "asym_beta_neg": 0.4,
+                    "asym_correctness_reward": None,
+                    "asym_success_threshold": 0.5,
+                    "asym_match_grpo_scale": False,
+                    "asym_max_abs_advantage": None,
+                },
+                "polarity_reweighting": {
+                    "polarity_diagnostics": True,
+                    "polarity_chunk_tokens": 512,
+                    "polarity_lambda_max": 0.5,
+                    "polarity_ema": 0.9,
+                    "polarity_anchor_ratio": 0.8,
+                    "polarity_entropy_target": None,
+                    "polarity_gamma": 5.0,
+                    "polarity_phase": "level",
+                    "polarity_slope_window": 5,
+                    "polarity_epsilon": 1e-08,
+                },
             }[method]
             assert summary["method_settings"] == expected
     if "/paper/" in recipe or "/baselines/" in recipe:
@@ -299,3 +319,7 @@ def test_console_script_exits_zero_after_training(tiny_model_path, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Model saved to" in proc.stdout
+    # The run's logged metrics next to the model (no checkpoint was saved): one training step, then the summary.
+    with open(tmp_path / "out" / "log_history.json") as f:
+        history = json.load(f)["log_history"]
+    assert [entry["step"] for entry in history] == [1, 1] and "loss" in history[0] and "train_runtime" in history[1]

@@ -575,7 +575,7 @@ def parse_run(argv: list[str]) -> tuple[Any, Any, Any]:
 def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
     """The run's trainer, built from the training script's own functions (rewards, dataset, model id)."""
     from policy_split_trl.embedded import resolve_model_id
-    from policy_split_trl.methods import METHODS
+    from policy_split_trl.methods import trainer_class
     from policy_split_trl.training import load_reward_funcs, load_split
 
     reward_funcs = load_reward_funcs(script_args)
@@ -589,7 +589,7 @@ def build_trainer(script_args: Any, training_args: Any, model_args: Any) -> Any:
     train_dataset = load_split(
         script_args, script_args.dataset_train_split, script_args.max_train_samples, training_args.seed
     )
-    return METHODS[script_args.method].trainer(
+    return trainer_class(script_args.method, training_args)(
         model=resolve_model_id(model_args.model_name_or_path),
         reward_funcs=reward_funcs,
         args=training_args,

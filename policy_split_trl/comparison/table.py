@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from policy_split_trl.eval.benchmarks import TABLE1_COLUMNS, table1_column
-from policy_split_trl.eval.files import atomic_write_json, atomic_write_text
+from policy_split_trl.eval.files import DamagedFileError, atomic_write_json, atomic_write_text, read_json_file
 from policy_split_trl.eval.harness import package_versions
 from policy_split_trl.eval.report import PERCENT, format_number, load_pyplot, save_figure
+from policy_split_trl.polarity import plot_polarity
+from policy_split_trl.training import LOG_HISTORY_FILE
 
 from .config import PER_METHOD_EVAL_FIELDS, CompareConfig
 
@@ -224,6 +227,24 @@ def write_comparison(
     os.makedirs(config.output_dir, exist_ok=True)
     plot = plot_comparison(summary, os.path.join(config.output_dir, "comparison.png"))
     summary["plot"] = os.path.basename(plot) if plot else None
+    # Runs trained with `polarity_diagnostics`: the fraction of expanding tokens over steps, side by side.
+    histories = {run.spec.label: history for run in runs if (history := read_log_history(run.model_dir)) is not None}
+    polarity_plot = plot_polarity(histories, os.path.join(config.output_dir, "polarity.png"))
+    summary["polarity_plot"] = os.path.basename(polarity_plot) if polarity_plot else None
     atomic_write_json(os.path.join(config.output_dir, "comparison.json"), json_safe(summary))
     atomic_write_text(os.path.join(config.output_dir, "comparison.md"), comparison_markdown(summary))
     return summary
+
+
+def read_log_history(model_dir: str) -> list[dict[str, Any]] | None:
+    """A trained method's `log_history.json` (written by `policy-split-train` next to its model), or `None`."""
+    path = os.path.join(model_dir, LOG_HISTORY_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        data = read_json_file(path, "the run's logged metrics", f"delete {path} (only the plots read it)")
+    except DamagedFileError as error:  # a plot is not worth stopping the comparison for
+        warnings.warn(str(error), stacklevel=2)
+        return None
+    history = data.get("log_history")
+    return history if isinstance(history, list) else None
