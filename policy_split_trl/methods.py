@@ -449,7 +449,8 @@ def compose_trainer(base: type, compositions: Iterable[Composition]) -> type:
     if key not in _COMPOSED:
         name = "".join(c.prefix for c in ordered) + base.__name__
         doc = f"{base.__name__} with {', '.join(c.name for c in ordered)} (see policy_split_trl.methods.COMPOSITIONS)."
-        _COMPOSED[key] = type(name, (*key[1], GRPOTrainer), {"__module__": __name__, "__doc__": doc})
+        last = () if base is GRPOTrainer else (GRPOTrainer,)  # TRL's own trainer as `base` is already the last base
+        _COMPOSED[key] = type(name, (*key[1], *last), {"__module__": __name__, "__doc__": doc})
     return _COMPOSED[key]
 
 
@@ -469,13 +470,8 @@ def trainer_class(method: str, args: Any) -> type:
         `type`: a `GRPOTrainer` subclass.
     """
     spec = METHODS[method]
+    compositions = [c for c in COMPOSITIONS if c.applies(args)]
     if not issubclass(spec.trainer, PolicySplitGRPOTrainer):
-        # `polarity_diagnostics` works on every method: a subclass with the diagnostics mixin first.
-        if not getattr(args, "polarity_diagnostics", False) or issubclass(spec.trainer, PolarityDiagnosticsMixin):
-            return spec.trainer
-        key = (spec.trainer, (PolarityDiagnosticsMixin, spec.trainer))
-        if key not in _COMPOSED:
-            name = "PolarityDiagnostics" + spec.trainer.__name__
-            _COMPOSED[key] = type(name, key[1], {"__module__": __name__, "__doc__": f"{name}: polarity_diagnostics."})
-        return _COMPOSED[key]
-    return compose_trainer(spec.trainer, [c for c in COMPOSITIONS if c.applies(args)])
+        # The others build on Policy Split's contexts; `polarity_diagnostics` works on every method.
+        compositions = [c for c in compositions if c.mixin is PolarityDiagnosticsMixin]
+    return compose_trainer(spec.trainer, compositions)
