@@ -5,15 +5,13 @@ and 2 processes with a group straddling them."""
 
 import math
 import os
-import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 import trl.trainer.grpo_trainer as grpo_module
 import yaml
+from processes import free_port, launcher, requires_launcher
 from tiny_model import arithmetic_dataset, build_model, training_args
 from trl import GRPOConfig, GRPOTrainer
 
@@ -444,23 +442,15 @@ def test_recipes_name_the_method_and_its_settings():
 
 
 # ------------------------------------------------------------------------------------------------------ 2 processes
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-    reason="torchrun not installed",
-)
+@requires_launcher("torchrun")
 def test_two_processes_with_a_group_straddling_them(tmp_path):
     import json
 
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     result = tmp_path / "result.json"
     cmd = [
-        torchrun if os.path.exists(torchrun) else "torchrun",
+        launcher("torchrun"),
         "--nproc_per_node",
         "2",
         "--master_port",

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from distributed_matrix import fake_generate_single_turn
+from processes import free_port
 from tiny_model import arithmetic_dataset, build_model, length_reward, training_args
 from trl import GRPOTrainer
 
@@ -562,10 +562,6 @@ def test_plot_mode_diagnostics(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_layout(out_dir, processes: int) -> list[dict]:

@@ -1,32 +1,18 @@
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
-import sys
 
-import pytest
+from processes import launcher, requires_launcher
 
 HERE = os.path.dirname(__file__)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-    reason="accelerate CLI not installed",
-)
+@requires_launcher("accelerate")
 def test_two_processes_on_cpu(tmp_path):
     result = tmp_path / "result.json"
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [
-        accelerate if os.path.exists(accelerate) else "accelerate",
+        launcher("accelerate"),
         "launch",
         "--multi_gpu",
         "--num_processes",

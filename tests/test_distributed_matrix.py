@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,18 +20,13 @@ import torch
 
 HERE = os.path.dirname(__file__)
 from distributed_matrix import DIMENSIONS, MAX_STEPS, covering_subset, full_matrix
+from processes import free_port
 
 # The models are float64, but TRL's fused LM head returns float32 log-probs, and each layout pads its rows differently
 # (left padding shifts RoPE positions): two Adam steps turn that rounding into weight differences of ~3e-5 of the
 # update. A real difference moves them by the update itself: with Eq. 4's statistics taken per process instead of per
 # group, 1.4-1.8x the update on the cells that split a group across the processes.
 WEIGHT_TOLERANCE = 1e-3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_layout(cells: list[dict], out_dir, processes: int) -> list[dict]:

@@ -5,14 +5,12 @@ import itertools
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from processes import free_port, launcher, requires_launcher
 from tiny_model import arithmetic_dataset, build_model, length_reward, training_args
 from transformers import HfArgumentParser, TrainerState
 
@@ -398,22 +396,13 @@ def test_constant_schedule_is_unchanged(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------- 5. 2 processes
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-    reason="accelerate CLI not installed",
-)
+@requires_launcher("accelerate")
 def test_two_processes_hold_the_same_eta(tmp_path):
     result = tmp_path / "result.json"
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [
-        accelerate if os.path.exists(accelerate) else "accelerate",
+        launcher("accelerate"),
         "launch",
         "--multi_gpu",
         "--num_processes",

@@ -6,14 +6,12 @@ import itertools
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from processes import free_port, launcher, requires_launcher
 from tiny_model import arithmetic_dataset, build_model, length_reward, training_args
 
 from policy_split_trl.advantages import (
@@ -483,24 +481,15 @@ def test_resume_continues_the_controller_exactly(tmp_path, tokenizer, uninterrup
 
 
 # ------------------------------------------------------------------------------------------------- 5. 2 processes
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("accelerate") is None
-    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-    reason="accelerate CLI not installed",
-)
+@requires_launcher("accelerate")
 def test_two_processes_hold_the_same_controller_as_one(tmp_path):
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     results = {}
     for processes in (2, 1):
         path = tmp_path / f"result-{processes}.json"
-        cmd = [accelerate if os.path.exists(accelerate) else "accelerate", "launch"]
+        cmd = [launcher("accelerate"), "launch"]
         cmd += ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--num_processes", "1"]
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd += ["--main_process_port", str(free_port()), os.path.join(HERE, "polarity_run.py")]
