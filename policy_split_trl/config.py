@@ -10,6 +10,7 @@ from .diagnostics import check_mode_diagnostics
 from .eta_control import ETA_SCHEDULES, check_eta_schedule
 from .modes import HIGH_ENTROPY_SYSTEM_PROMPT
 from .polarity import POLARITY_REWEIGHTING_CONTEXTS, PolarityArguments
+from .shared_prefix import SharedPrefixArguments
 
 ETA_PLACEMENTS = ("inside_clip", "outside_clip")
 LOSS_AGGREGATIONS = ("token_mean", "quarter_token_mean")
@@ -18,7 +19,7 @@ BASE_ADVANTAGES = ("grpo", "asym_grpo")
 
 
 @dataclass
-class PolicySplitGRPOConfig(AsymGRPOArguments, PolarityArguments, GRPOConfig):
+class PolicySplitGRPOConfig(AsymGRPOArguments, PolarityArguments, SharedPrefixArguments, GRPOConfig):
     r"""
     Configuration class for the [`PolicySplitGRPOTrainer`].
 
@@ -72,6 +73,10 @@ class PolicySplitGRPOConfig(AsymGRPOArguments, PolarityArguments, GRPOConfig):
             pass (no scoring pass, fastest), which then trains the HE context in one piece (its rows are longer by the
             system prompt: more activation memory than GRPO on short rollouts). `False`: a scoring pass gives the
             bonus and the HE context is trained in chunks of the normal context's size (peak memory near GRPO's).
+        shared_prefix (`bool`, *optional*, defaults to `True`):
+            With `optimized_step`: encode each (query, context) prompt once per log-prob pass for all the rollouts
+            that share it, not once per rollout ([`~policy_split_trl.shared_prefix`]; the same log-probs and
+            gradients). `False`: TRL's padded rows.
         eta_schedule (`str`, *optional*, defaults to `"constant"`):
             `"constant"`: `eta` as set, the paper's method. `"adaptive"` (beyond the paper): `eta` is the initial value
             of a controller that, once per optimizer step, multiplies `eta` by `eta_update_factor` when the step's

@@ -34,6 +34,7 @@ from .polarity import (
     PolarityReweightingGRPOConfig,
     PolarityReweightingGRPOTrainer,
 )
+from .shared_prefix import SharedPrefixMixin
 from .trainer import PolicySplitGRPOTrainer
 
 
@@ -230,7 +231,7 @@ def method_config_class(method: str) -> type:
 
 
 # Settings of our own that every method reads: [`trainer_class`] composes the polarity diagnostics onto any trainer.
-EVERY_METHOD_SETTINGS = frozenset({"polarity_diagnostics", "polarity_chunk_tokens"})
+EVERY_METHOD_SETTINGS = frozenset({"polarity_diagnostics", "polarity_chunk_tokens", "shared_prefix"})
 
 
 def inapplicable_settings(method: str, names: Iterable[str]) -> list[str]:
@@ -387,6 +388,8 @@ class Composition:
             `True`: placed before the Policy Split trainer instead, so its overrides run around Policy Split's (to
             read or reweight what Policy Split built). Among themselves such mixins are also ordered by decreasing
             `stage`.
+        every_method (`bool`, *optional*, defaults to `False`):
+            `True`: offered to every method, not only those trained with Policy Split (the comparison stays fair).
     """
 
     name: str
@@ -395,6 +398,7 @@ class Composition:
     stage: int
     prefix: str
     outside: bool = False
+    every_method: bool = False
 
 
 COMPOSITIONS: list[Composition] = [
@@ -422,6 +426,16 @@ COMPOSITIONS: list[Composition] = [
         stage=2,
         prefix="PolarityDiagnostics",
         outside=True,
+        every_method=True,
+    ),
+    # Innermost, right before GRPOTrainer: every other override of the log-prob pass sees TRL's outputs.
+    Composition(
+        "shared_prefix",
+        SharedPrefixMixin,
+        lambda args: bool(getattr(args, "shared_prefix", False)),
+        stage=-1,
+        prefix="SharedPrefix",
+        every_method=True,
     ),
 ]
 
@@ -429,7 +443,7 @@ COMPOSITIONS: list[Composition] = [
 # Composed trainers by (base trainer, their bases but GRPOTrainer): one class per combination, so `type(trainer)` is
 # stable.
 _COMPOSED: dict[tuple[type, tuple[type, ...]], type] = {
-    (PolicySplitGRPOTrainer, (PolicySplitGRPOTrainer, AsymGRPOMixin)): AsymPolicySplitGRPOTrainer,
+    (PolicySplitGRPOTrainer, (PolicySplitGRPOTrainer, AsymGRPOMixin, GRPOTrainer)): AsymPolicySplitGRPOTrainer,
 }
 
 
@@ -445,12 +459,13 @@ def compose_trainer(base: type, compositions: Iterable[Composition]) -> type:
         return base
     outside = tuple(c.mixin for c in ordered if c.outside)
     inside = tuple(c.mixin for c in ordered if not c.outside)
-    key = (base, (*outside, base, *inside))
+    # TRL's own trainer as `base` is the last base, after the inside mixins.
+    bases = (*outside, *inside, base) if base is GRPOTrainer else (*outside, base, *inside, GRPOTrainer)
+    key = (base, bases)
     if key not in _COMPOSED:
         name = "".join(c.prefix for c in ordered) + base.__name__
         doc = f"{base.__name__} with {', '.join(c.name for c in ordered)} (see policy_split_trl.methods.COMPOSITIONS)."
-        last = () if base is GRPOTrainer else (GRPOTrainer,)  # TRL's own trainer as `base` is already the last base
-        _COMPOSED[key] = type(name, (*key[1], *last), {"__module__": __name__, "__doc__": doc})
+        _COMPOSED[key] = type(name, bases, {"__module__": __name__, "__doc__": doc})
     return _COMPOSED[key]
 
 
@@ -472,6 +487,6 @@ def trainer_class(method: str, args: Any) -> type:
     spec = METHODS[method]
     compositions = [c for c in COMPOSITIONS if c.applies(args)]
     if not issubclass(spec.trainer, PolicySplitGRPOTrainer):
-        # The others build on Policy Split's contexts; `polarity_diagnostics` works on every method.
-        compositions = [c for c in compositions if c.mixin is PolarityDiagnosticsMixin]
+        # The others build on Policy Split's contexts; `polarity_diagnostics` and `shared_prefix` work on every method.
+        compositions = [c for c in compositions if c.every_method]
     return compose_trainer(spec.trainer, compositions)

@@ -7,6 +7,8 @@ The optimized step computes the same step with less work:
 
 - **widths**: every log-prob pass groups rows of similar prompt width and cuts each forward to its own width
   ([`width_sorted_chunks`], [`shared_left_padding`]), so no row pays for the other context's longer prompt;
+- **shared prompts** (`shared_prefix`): the rows of one prompt stay in the same pass, where
+  [`~policy_split_trl.shared_prefix.SharedPrefixMixin`] encodes the prompt once for all of them;
 - **contexts one after the other**: a micro-batch's normal-context rows are forward/backward-ed, then its
   high-entropy-context rows (in chunks of about the normal rows' size when their advantages are already complete), so
   the peak activation memory is about one context's ([`OptimizedStepMixin._compute_loss_by_context`]);
@@ -39,17 +41,16 @@ from trl.trainer.utils import pad, use_adapter
 
 from .contexts import HIGH_ENTROPY_CONTEXT, NORMAL_CONTEXT, context_rows, has_both_contexts, select_rows
 from .loss_pass import LossPassAdvantagesMixin, loss_mask, train_or_eval
+from .shared_prefix import prompt_groups, shared_left_padding, split_keeping_groups
 
 
-def shared_left_padding(attention_mask: torch.Tensor, prompt_width: int) -> int:
-    """Columns of left padding that every row of a left-padded batch has: what a forward pass can cut off."""
-    return int(attention_mask[:, :prompt_width].any(0).float().argmax())
-
-
-def width_sorted_chunks(attention_mask: torch.Tensor, logits_to_keep: int, num_chunks: int) -> list[torch.Tensor]:
+def width_sorted_chunks(
+    attention_mask: torch.Tensor, logits_to_keep: int, num_chunks: int, groups: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """
     Rows of a left-padded batch in `num_chunks` forward passes, rows with similar prompt widths together, so that each
-    pass can be cut to its own width.
+    pass can be cut to its own width; with `groups`, the rows of a group together as far as the count allows, so that
+    a shared-prefix pass encodes their prompt once ([`~policy_split_trl.shared_prefix.split_keeping_groups`]).
 
     The number of passes is `min(num_chunks, N)` whatever the rows hold: under ZeRO-3 and FSDP every process must call
     forward the same number of times, so only the *grouping* of rows may depend on the data, never the count.
@@ -61,6 +62,8 @@ def width_sorted_chunks(attention_mask: torch.Tensor, logits_to_keep: int, num_c
             Width of the completion part (its right padding never moves a row).
         num_chunks (`int`):
             Number of forward passes, `>= 1`.
+        groups (`torch.Tensor`, *optional*):
+            Shape `(N,)`: [`~policy_split_trl.shared_prefix.prompt_groups`] of the rows.
 
     Returns:
         `list[torch.Tensor]`: `min(num_chunks, N)` sorted index tensors (nearly equal sizes) that partition `range(N)`.
@@ -73,8 +76,12 @@ def width_sorted_chunks(attention_mask: torch.Tensor, logits_to_keep: int, num_c
     prompt = attention_mask[:, : max(prompt_width, 0)].bool()
     # Columns of left padding before each row's prompt (a row without prompt tokens: all of them).
     starts = torch.where(prompt.any(1), prompt.float().argmax(1), torch.full_like(everything, prompt_width))
-    order = torch.argsort(starts, stable=True)
-    return [chunk.sort().values for chunk in order.tensor_split(min(num_chunks, num_rows))]
+    if groups is None:
+        order = torch.argsort(starts, stable=True)
+        return [chunk.sort().values for chunk in order.tensor_split(min(num_chunks, num_rows))]
+    key = starts * num_rows + groups  # by width, then by group (a group's rows all have the same width)
+    order = torch.argsort(key, stable=True)
+    return [order[chunk].sort().values for chunk in split_keeping_groups(key[order], num_chunks)]
 
 
 def forward_plan(positions: torch.Tensor, min_saving: float = 0.1) -> tuple[int, int]:
@@ -250,7 +257,9 @@ class OptimizedStepMixin(LossPassAdvantagesMixin):
         num_rows = input_ids.size(0)
         num_chunks = math.ceil(num_rows / batch_size) if batch_size else self._loss_forward_chunks()
         prompt_width = attention_mask.size(1) - logits_to_keep
-        groups = width_sorted_chunks(attention_mask, logits_to_keep, num_chunks)
+        shared = getattr(self.args, "shared_prefix", False) and attention_mask.size(1) > logits_to_keep
+        prompts = prompt_groups(input_ids, attention_mask, logits_to_keep) if shared else None
+        groups = width_sorted_chunks(attention_mask, logits_to_keep, num_chunks, prompts)
         parts = []
         for rows in groups:
             start = shared_left_padding(attention_mask[rows], prompt_width)

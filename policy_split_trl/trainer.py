@@ -50,13 +50,14 @@ from .loss_pass import LossStep, loss_mask, train_or_eval
 from .modes import HIGH_ENTROPY_MODE, NORMAL_MODE, apply_system_prompt, high_entropy_rows
 from .optimized_step import OptimizedStepMixin
 from .safety import SafeTrainingMixin
+from .shared_prefix import SharedPrefixMixin
 
 # Keys TRL adds for multimodal models; their rows cannot simply be duplicated into a second context.
 _MULTIMODAL_KEYS = ("pixel_values", "num_images", "image_grid_thw", "token_type_ids", "mm_token_type_ids")
 
 
 class PolicySplitGRPOTrainer(
-    ModeDiagnosticsMixin, OptimizedStepMixin, SafeTrainingMixin, DualModeHubMixin, GRPOTrainer
+    ModeDiagnosticsMixin, OptimizedStepMixin, SafeTrainingMixin, DualModeHubMixin, SharedPrefixMixin, GRPOTrainer
 ):
     """
     Trainer for Policy Split: dual-mode, entropy-regularized GRPO (arXiv 2604.11510).

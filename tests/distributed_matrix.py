@@ -55,6 +55,7 @@ DIMENSIONS: dict[str, tuple] = {
     "rollout_sharing": (True, False),
     "bonus_from_loss_pass": (True, False),
     "vllm": (False, True),
+    "shared_prefix": (True, False),
 }
 # Beyond the product: LoRA, a KL term (the reference scored in both contexts) and the per-quarter loss.
 EXTRA_CELLS: list[dict[str, Any]] = [

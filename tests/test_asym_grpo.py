@@ -205,7 +205,8 @@ def test_registry_and_trainer_class():
         {"asym_beta_pos": 0.9, "asym_beta_neg": 0.4},
     )
     assert "2604.04894" in spec.reference
-    args = MethodConfig(output_dir="/tmp/unused", report_to="none", use_cpu=True)
+    # shared_prefix (on by default, every method) adds its own mixin: tested in tests/test_shared_prefix.py.
+    args = MethodConfig(output_dir="/tmp/unused", report_to="none", use_cpu=True, shared_prefix=False)
     assert trainer_class("asym_grpo", args) is AsymGRPOTrainer
     assert trainer_class("policy_split", args) is PolicySplitGRPOTrainer
     args.base_advantage = "asym_grpo"

@@ -27,6 +27,7 @@ from policy_split_trl.baselines import (
 )
 from policy_split_trl.methods import METHODS, MethodConfig, apply_method
 from policy_split_trl.scripts.train import run
+from policy_split_trl.shared_prefix import SharedPrefixMixin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G = 4
@@ -375,7 +376,8 @@ def test_every_method_trains_two_steps_from_the_cli(method, tiny_model_path, tmp
             *extra,
         ]
     )
-    assert type(trainer) is METHODS[method].trainer
+    # The registry's trainer with the shared-prefix passes right before GRPOTrainer (on by default, every method).
+    assert isinstance(trainer, METHODS[method].trainer) and isinstance(trainer, SharedPrefixMixin)
     logs = [h for h in trainer.state.log_history if OWN_METRIC[method] in h]
     assert [h["step"] for h in logs] == [1, 2]
     values = [h[OWN_METRIC[method]] for h in logs]

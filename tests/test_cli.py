@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from trl import GRPOTrainer
 
 from policy_split_trl.methods import METHODS
 from policy_split_trl.scripts.train import run
+from policy_split_trl.shared_prefix import SharedPrefixMixin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_RECIPES = sorted(
@@ -237,7 +239,8 @@ def test_cli_grpo_baseline(tiny_model_path, tmp_path):
             *tiny_overrides(tiny_model_path, tmp_path),
         ]
     )
-    assert type(trainer).__name__ == "GRPOTrainer"
+    # TRL's GRPOTrainer with the shared-prefix log-prob passes (on for every method by default: fair comparisons).
+    assert type(trainer).__mro__[1:3] == (SharedPrefixMixin, GRPOTrainer)
     assert trainer.state.global_step == 2
     assert not any(k.startswith("policy_split/") for h in trainer.state.log_history for k in h)
 

@@ -88,6 +88,7 @@ def test_every_field_has_help():
         "loss_aggregation",
         "optimized_step",
         "bonus_from_loss_pass",
+        "shared_prefix",
         "eta_schedule",
         "target_kl_high_entropy_normal",
         "eta_target_tolerance",

@@ -89,12 +89,12 @@ def check_matrix(cells: list[dict], tmp_path) -> dict:
         if not diff <= WEIGHT_TOLERANCE * update:  # also catches update == 0
             problems.append(f"{name}: 2 processes vs 1: {diff:.3g} (update {update:.3g})")
         report[name] = {"diff": diff, "update": update, "steps": rank0}
-    # Same math: the optimized step ends where the straightforward one does.
+    # Same math: the optimized step (with or without shared prefixes) ends where the straightforward one does.
     by_settings: dict[str, list] = {}
     for entry in two:
-        by_settings.setdefault(settings_key(entry["cell"], ("optimized_step", "bonus_from_loss_pass")), []).append(
-            entry
-        )
+        by_settings.setdefault(
+            settings_key(entry["cell"], ("optimized_step", "bonus_from_loss_pass", "shared_prefix")), []
+        ).append(entry)
     for group in by_settings.values():
         reference = group[0]["weights"]["final"]
         update = (reference - group[0]["weights"]["initial"]).abs().max().item()

@@ -39,9 +39,10 @@ def test_forward_plan_from_summed_positions():
     assert forward_plan(torch.tensor([100.0, 90.0, 45.0, 45.0])) == (2, 1)  # exactly 10% saved
 
 
-def make(tmp_path, tokenizer, optimized, model_path, peft_config=None, **kwargs):
+def make(tmp_path, tokenizer, optimized, model_path, peft_config=None, shared_prefix=False, **kwargs):
     args = training_args(
         tmp_path / f"out-{optimized}",
+        shared_prefix=shared_prefix,
         num_generations=G,
         max_completion_length=10,
         per_device_eval_batch_size=8,
@@ -59,13 +60,14 @@ def make(tmp_path, tokenizer, optimized, model_path, peft_config=None, **kwargs)
     )
 
 
-def pair(tmp_path, tokenizer, model_path, **kwargs):
+def pair(tmp_path, tokenizer, model_path, shared_prefix=False, **kwargs):
     """
-    Two trainers on the same weights, `optimized_step` on and off, in float64: cutting the padding shifts RoPE
-    positions, which is exact in exact arithmetic, while in float32 the rounding of cos/sin at other positions alone
-    moves log-probs by ~1e-3 on this random model and would hide real errors.
+    Two trainers on the same weights, `optimized_step` on (with `shared_prefix` as asked) and the straightforward
+    path (TRL's padded rows), in float64: cutting the padding shifts RoPE positions, which is exact in exact
+    arithmetic, while in float32 the rounding of cos/sin at other positions alone moves log-probs by ~1e-3 on this
+    random model and would hide real errors.
     """
-    return make(tmp_path, tokenizer, True, model_path, **kwargs), make(
+    return make(tmp_path, tokenizer, True, model_path, shared_prefix=shared_prefix, **kwargs), make(
         tmp_path, tokenizer, False, model_path, **kwargs
     )
 
@@ -129,8 +131,11 @@ def metric(trainer, name):
     ],
     ids=["on_policy", "off_policy_beta", "normal_eta_grpo", "bnpo_outside", "low_memory", "quarters", "quarters_low"],
 )
-def test_optimized_step_equals_the_reference_path(tmp_path, tokenizer, tiny_model_path, monkeypatch, settings):
-    fast, reference = pair(tmp_path, tokenizer, tiny_model_path, **settings)
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["padded", "shared_prefix"])
+def test_optimized_step_equals_the_reference_path(
+    tmp_path, tokenizer, tiny_model_path, monkeypatch, settings, shared_prefix
+):
+    fast, reference = pair(tmp_path, tokenizer, tiny_model_path, shared_prefix=shared_prefix, **settings)
     out_fast, out_ref = generate(fast), generate(reference)
     torch.testing.assert_close(out_fast["completion_ids"], out_ref["completion_ids"])  # the same rollouts
     recorder = LossRecorder(monkeypatch)
@@ -200,8 +205,14 @@ def test_eval_loss_and_a_full_training_run_match(tmp_path, tokenizer, tiny_model
 
 @pytest.mark.parametrize(
     "settings",
-    [{"peft_config": "lora"}, {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}],
-    ids=["lora", "gradient_accumulation"],
+    [
+        {"peft_config": "lora"},
+        {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4},
+        {"peft_config": "lora", "shared_prefix": True},
+        {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4, "shared_prefix": True},
+        {"gradient_checkpointing": True, "shared_prefix": True},
+    ],
+    ids=["lora", "gradient_accumulation", "lora_shared", "accumulation_shared", "checkpointing_shared"],
 )
 def test_training_runs_match_with_lora_and_accumulation(tmp_path, tokenizer, tiny_model_path, settings):
     from peft import LoraConfig

@@ -16,7 +16,9 @@ Models: random-weight Qwen3s of the real shapes (`Qwen3Config`) with the test to
 saved under `<output_dir>/models/` so vLLM can load them; nothing is downloaded. Checks:
 
 - `colocate`: a 2-step Policy Split run, vLLM colocate, fp32 weights with bf16 autocast, gradient_accumulation_steps 2.
-  The high-entropy (HE) system prompt reaches generation (and vLLM) exactly for the HE rollouts
+  Both modes of a query go to one generation call, with vLLM's prefix caching on (the HE system prompt and each
+  query's prompt are cached prefixes). The high-entropy (HE) system prompt reaches generation (and vLLM) exactly for
+  the HE rollouts
   (`policy_split_trl.modes.high_entropy_rows`); the sampler-vs-trainer log-prob gap is small in the generating
   context; each rollout's twin row reuses the generating row's importance-sampling ratio and sampler gap; the loss is
   finite and the parameters change.
@@ -315,9 +317,17 @@ def check_colocate(ctx: SmokeContext) -> dict[str, Any]:
         )
     result["rows_normal_then_he_context"] = bool(layout) and all(layout)
     gates.append("rows_normal_then_he_context")
+    # Both modes of a query in one generation call: every batch sent holds HE and normal prompts.
+    result["both_modes_in_one_call"] = bool(sent) and all(any(f) and not all(f) for f in expected)
+    gates.append("both_modes_in_one_call")
     if use_vllm:
         result["vllm_received_what_trl_sent"] = received == sent
         gates.append("vllm_received_what_trl_sent")
+        # The HE system prompt and each query's prompt are cached prefixes (vLLM's automatic prefix caching).
+        engine = trainer.vllm_generation.llm.llm_engine
+        cache_config = getattr(getattr(engine, "vllm_config", engine), "cache_config", None)
+        result["vllm_prefix_caching"] = bool(getattr(cache_config, "enable_prefix_caching", False))
+        gates.append("vllm_prefix_caching")
         result.update(_importance_sampling(trl_batches[0], rows[0], torch.tensor(expected[0])))
         gates += ["gap_generating_small", "generating_logps_reused", "twin_reuses_is_ratio", "twin_carries_gap"]
     else:
