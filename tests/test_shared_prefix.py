@@ -40,6 +40,18 @@ def test_split_keeping_groups_moves_cuts_to_group_boundaries_but_never_the_count
     assert [c.tolist() for c in split_keeping_groups(groups, 1)] == [list(range(8))]
 
 
+def test_width_sorted_chunks_keep_a_prompts_rows_in_one_pass():
+    from policy_split_trl.optimized_step import width_sorted_chunks
+
+    mask = torch.ones(8, 12, dtype=torch.long)  # two queries' rows interleaved, all prompts equally wide
+    groups = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    assert [c.tolist() for c in width_sorted_chunks(mask, 4, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [c.tolist() for c in width_sorted_chunks(mask, 4, 2, groups)] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    mask[[1, 3, 5, 7], :3] = 0  # group 1 is narrower: by width first, then by group
+    assert [c.tolist() for c in width_sorted_chunks(mask, 4, 2, groups)] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert len(width_sorted_chunks(mask, 4, 3, groups)) == 3  # the count never changes
+
+
 def test_rows_per_pack_from_the_cost_model():
     # SmolLM2-135M (hidden 576: token cost 3456), G=8, 100-token prompt, 64-token completions:
     # k=8: 620 tokens -> 620 * 3456 + 620^2 = 2,527,120; k=4: 2 x (360 * 3456 + 360^2) = 2,747,520;
