@@ -326,18 +326,20 @@ class SharedPrefixMixin:
         chunks = [
             order[c] for c in split_keeping_groups(groups[order], math.ceil(num_rows / (batch_size or num_rows)))
         ]
-        token_cost = 6.0 * self.accelerator.unwrap_model(model).config.get_text_config().hidden_size
+        text_config = self.accelerator.unwrap_model(model).config.get_text_config()
+        token_cost = 6.0 * text_config.hidden_size
         prompt_width = input_ids.size(1) - logits_to_keep
         logps, entropies = [], []
         for rows in chunks:
             ids, mask = input_ids[rows], attention_mask[rows]
-            chunk_groups = prompt_groups(ids, mask, logits_to_keep)
+            # The chunk's groups numbered 0, 1, ... (what `pack_rows` indexes with), from the groups found above.
+            chunk_groups = torch.unique(groups[rows], return_inverse=True)[1]
             cut = prompt_width - shared_left_padding(mask, prompt_width)
             largest = int(torch.bincount(chunk_groups).max())
             per_pack = rows_per_pack(cut, logits_to_keep, largest, token_cost)
             if per_pack > 1:
                 chunk_logps, chunk_entropies = self._packed_pass(
-                    model, ids, mask, logits_to_keep, chunk_groups, per_pack, compute_entropy
+                    model, ids, mask, logits_to_keep, chunk_groups, per_pack, compute_entropy, text_config
                 )
             else:  # packing would cost more than it saves (long completions): TRL's pass over these rows
                 chunk_logps, chunk_entropies, _ = padded(
@@ -361,24 +363,20 @@ class SharedPrefixMixin:
         groups: torch.Tensor,
         per_pack: int,
         compute_entropy: bool,
+        text_config: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward pass over packed rows, through TRL's fused LM head (`shift_labels`: no shift)."""
         packed = pack_rows(input_ids, attention_mask, logits_to_keep, groups, per_pack)
-        attention = self._shared_prefix_attention(model)
         with self.accelerator.autocast():
             outputs = model(
                 input_ids=packed.input_ids,
-                attention_mask=attention_mask_for(packed.attention_mask, attention),
+                attention_mask=attention_mask_for(packed.attention_mask, text_config._attn_implementation),
                 position_ids=packed.position_ids,
                 shift_labels=packed.shift_labels,
                 fused_lm_head=True,
             )
         logps = packed.unpack(outputs.log_probs)
         return logps, packed.unpack(outputs.entropy) if compute_entropy else None
-
-    def _shared_prefix_attention(self, model: torch.nn.Module) -> str:
-        config = self.accelerator.unwrap_model(model).config
-        return config.get_text_config()._attn_implementation
 
     def _shared_prefix_off(
         self,

@@ -182,7 +182,6 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from policy_split_trl.rewards import arithmetic_reward
 
     cuda = args.device == "cuda"
-    use_vllm = args.use_vllm or (cuda and _vllm_installed())
     regime, length = args.cell.split(":")
     length = int(length)
     rollouts = args.queries * args.num_generations
@@ -199,16 +198,16 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "disable_tqdm": True,
         "use_cpu": not cuda,
-        "bf16": args.bf16 or cuda,
+        "bf16": args.bf16,
         "loss_type": "dapo",
         "beta": 0.0,
         "temperature": 1.0,
-        "use_vllm": use_vllm,
+        "use_vllm": args.use_vllm,
         "vllm_mode": "colocate",
         # Every completion exactly `length` tokens: all variants process the same tokens.
-        "generation_kwargs": {"min_tokens": length} if use_vllm else {"min_new_tokens": length},
+        "generation_kwargs": {"min_tokens": length} if args.use_vllm else {"min_new_tokens": length},
     }
-    if use_vllm:
+    if args.use_vllm:
         common["vllm_max_model_length"] = args.long_prompt_tokens + 512 + length if regime == "long" else 1024 + length
     model_id = resolve_model_id(args.model)
     if regime == "long":
@@ -281,12 +280,6 @@ def run_one(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         "rollouts_per_step": rollouts,
         "completion_tokens_per_step": rollouts * length,
     }
-
-
-def _vllm_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def grpo_trainer_class(floor: bool, shared_prefix: bool) -> type:
@@ -434,6 +427,10 @@ def plot(summary: dict[str, Any], path: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.device == "cuda":  # bf16, and vLLM colocate where it can run; the same in the driver and in each run
+        from policy_split_trl.eval.backends import vllm_available
+
+        args.bf16, args.use_vllm = True, args.use_vllm or vllm_available()
     if args.run_one:
         print(json.dumps(run_one(args.run_one, args)))
         return {}
@@ -448,8 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lora": args.lora,
         "rollout_sharing": not args.no_rollout_sharing,
         "optimized_step": not args.no_optimized_step,
-        "vllm": args.use_vllm or (args.device == "cuda" and _vllm_installed()),
-        "bf16": args.bf16 or args.device == "cuda",
+        "vllm": args.use_vllm,
+        "bf16": args.bf16,
         "rounds": args.rounds,
         "steps_per_run": args.steps,
         "seed": args.seed,
